@@ -1,0 +1,1 @@
+"""grokserve.cluster: cluster spec, placement, the Ray Serve application and the `grokserve` CLI."""

@@ -1,0 +1,88 @@
+"""The `grokserve` command: one argparse program with a subcommand per job.
+
+convert/score work on checkpoints; worker runs one expert worker standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from grokserve.model.checkpoint import FORMATS, CheckpointError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from grokserve.model.checkpoint import iter_params, resolve_config
+    from grokserve.model.checkpoint.grokserve_format import write_checkpoint
+    from grokserve.model.weights import expected_shapes
+
+    config = resolve_config(args.checkpoint, args.format, args.config)
+    total = sum(1 for _ in expected_shapes(config))
+    out = write_checkpoint(args.output, config, iter_params(args.checkpoint, args.format, config),
+                           tokenizer_file=args.tokenizer, total=total)
+    print(f"wrote grokserve checkpoint ({config.name}: {config.n_layers} layers, {config.n_experts} experts) to {out}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from grokserve.model.engine import ReferenceEngine
+
+    engine = ReferenceEngine.from_checkpoint(args.checkpoint, args.format, args.dtype, args.config)
+    logits = engine.logits(args.tokens)  # [T, V] f32
+    np.save(args.output, logits.cpu().numpy())
+    print(f"wrote logits {tuple(logits.shape)} float32 to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grokserve", description="Expert-parallel serving of Grok-1.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert an official or Hugging-Face checkpoint to grokserve's layout",
+                       description="Read an official (ckpt-0/ pickles) or Hugging-Face checkpoint and write "
+                                   "grokserve's sharded safetensors layout (int8 weights stay int8).")
+    p.add_argument("--checkpoint", required=True, help="input checkpoint folder")
+    p.add_argument("--format", required=True, choices=("official", "hf"), help="input format")
+    p.add_argument("--config", help="model config JSON (official LanguageModelConfig/TransformerConfig fields "
+                                    "or grokserve's); default: grok-1 (official) or the HF config.json")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model to bundle with the checkpoint")
+    p.set_defaults(handler=cmd_convert)
+
+    p = sub.add_parser("score", help="write full-sequence logits [T, vocab] for a token sequence",
+                       description="Load a checkpoint in any format and write the float32 logits of every "
+                                   "position to a .npy file (to validate conversions and fidelity).")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", default="grokserve", choices=FORMATS)
+    p.add_argument("--config", help="model config JSON (needed for non-grok-1 official checkpoints)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--tokens", required=True, type=_int_list, help="comma-separated token ids, e.g. 5,17,42")
+    p.add_argument("--output", required=True, help="output .npy file")
+    p.set_defaults(handler=cmd_score)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"grokserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

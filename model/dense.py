@@ -1,0 +1,125 @@
+"""The dense half of Grok-1 (embedding, attention with KV cache, the four norms, router, tied head).
+
+Router replicas hold this; the MoE FFNs are reached through an `ExpertBackend` (in process or over gRPC).
+`GrokModel.forward` shows one engine step: for every layer, attention → route → experts → combine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from grokserve.model import layers
+from grokserve.model.config import GrokConfig
+from grokserve.model.kv_cache import KVCache
+from grokserve.model.weights import ATTN_MATRICES, NORMS, Param, embed_name, final_norm_name, layer_name, materialize
+
+
+class ExpertBackend(Protocol):
+    def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor
+                ) -> torch.Tensor:
+        """hidden [N, D], expert_ids [N, K], gates f32 [N, K] → gate-weighted expert sum [N, D]."""
+        ...
+
+
+def _multiplier(value: float, dtype: torch.dtype) -> float:
+    """The reference multiplies bf16 tensors by the constant rounded to bf16 (78.5, 0.578125)."""
+    return float(torch.tensor(value, dtype=dtype).float()) if dtype == torch.bfloat16 else value
+
+
+class DenseModel:
+    """Dense weights of all layers in `dtype` (big matrices) and f32 (embedding table, norms, router)."""
+
+    def __init__(self, config: GrokConfig, dtype: torch.dtype, params: Mapping[str, Param],
+                 device: torch.device | str = "cpu"):
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.embed = materialize(params[embed_name()], torch.float32).to(self.device)  # [V, D] f32
+        self.embed_act = self.embed.to(dtype)  # [V, D] the reference casts the table at use
+        self.final_norm = materialize(params[final_norm_name()], torch.float32).to(self.device)
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for layer in range(config.n_layers):
+            weights = {w: materialize(params[layer_name(layer, w)], dtype).to(self.device) for w in ATTN_MATRICES}
+            for norm in (*NORMS, "router"):
+                weights[norm] = materialize(params[layer_name(layer, norm)], torch.float32).to(self.device)
+            self.layers.append(weights)
+        self.embedding_multiplier = _multiplier(config.embedding_multiplier, dtype)
+        self.output_multiplier = _multiplier(config.output_multiplier, dtype)
+
+    def resident_bytes(self) -> int:
+        tensors = [self.embed, self.embed_act, self.final_norm, *(t for w in self.layers for t in w.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ---- the pieces of one layer ----------------------------------------------------------------
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] → h [B, T, D] = embedding × multiplier, in the activation dtype."""
+        return self.embed_act[tokens] * self.embedding_multiplier
+
+    def attention_block(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """h [B, T, D] → h + post_norm(attention(pre_norm(h)))."""
+        c, w = self.config, self.layers[layer]
+        batch, steps, _ = h.shape
+        x = layers.rms_norm(h, w["attn_norm"], c.rms_eps)
+        q = F.linear(x, w["wq"]).view(batch, steps, c.n_q_heads, c.head_dim)  # [B, T, Hq, d]
+        k = F.linear(x, w["wk"]).view(batch, steps, c.n_kv_heads, c.head_dim)  # [B, T, Hkv, d]
+        v = F.linear(x, w["wv"]).view(batch, steps, c.n_kv_heads, c.head_dim)  # [B, T, Hkv, d]
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        k_all, v_all = cache.update(layer, k, v)  # [B, S, Hkv, d]
+        a = layers.attention(q, k_all, v_all, mask, c.attn_logit_multiplier, c.attn_logit_cap)  # [B, T, Hq·d]
+        a = F.linear(a, w["wo"])  # [B, T, D]
+        return h + layers.rms_norm(a, w["attn_post_norm"], c.rms_eps)
+
+    def moe_input(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [N, D] → (normed x [N, D], expert_ids [N, K], gates f32 [N, K])."""
+        w = self.layers[layer]
+        x = layers.rms_norm(h, w["moe_norm"], self.config.rms_eps)
+        expert_ids, gates = layers.route(x, w["router"], self.config.n_experts_per_token)
+        return x, expert_ids, gates
+
+    def moe_output(self, layer: int, h: torch.Tensor, moe_out: torch.Tensor) -> torch.Tensor:
+        """h [N, D] + post_norm(moe_out [N, D])."""
+        return h + layers.rms_norm(moe_out.to(h.dtype), self.layers[layer]["moe_post_norm"], self.config.rms_eps)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., D] → logits f32 [..., V]: final norm, tied embedding, × output multiplier (in act dtype)."""
+        x = layers.rms_norm(h, self.final_norm, self.config.rms_eps)
+        return (F.linear(x, self.embed_act) * self.output_multiplier).float()
+
+
+class GrokModel:
+    """Dense model + an expert backend = the whole Grok-1 forward for one engine step."""
+
+    def __init__(self, dense: DenseModel, experts: ExpertBackend):
+        self.dense = dense
+        self.experts = experts
+        self.config = dense.config
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
+                cache: KVCache, cache_rows: torch.Tensor) -> torch.Tensor:
+        """tokens/positions [B, T], query_valid bool [B, T] (False = padding) → hidden [B, T, D] (final, pre-head).
+
+        A key is visible when it is a real token (id ≠ pad, as the reference masks pad ids) at a position
+        ≤ the query's. Padding rows are left out of the MoE (their outputs are never read).
+        """
+        c, dense = self.config, self.dense
+        key_valid = query_valid & (tokens != c.pad_id)
+        mask = cache.begin_step(cache_rows, positions, key_valid)  # [B, T, S]
+        cos, sin = layers.rope_cos_sin(positions, c.head_dim, c.rope_base)
+        h = dense.embed_tokens(tokens)  # [B, T, D]
+        flat_valid = query_valid.reshape(-1)
+        for layer in range(c.n_layers):
+            h = dense.attention_block(layer, h, cos, sin, mask, cache)
+            h_rows = h.reshape(-1, c.d_model)[flat_valid]  # [N, D] real tokens only
+            x, expert_ids, gates = dense.moe_input(layer, h_rows)
+            moe_out = self.experts.forward(layer, x, expert_ids, gates)  # [N, D]
+            h = h.reshape(-1, c.d_model).clone()
+            h[flat_valid] = dense.moe_output(layer, h_rows, moe_out)
+            h = h.view(tokens.shape[0], tokens.shape[1], c.d_model)
+        return h

@@ -1,0 +1,98 @@
+"""The expert half of the model: any subset of (layer, expert) FFNs, computed with rows grouped by expert.
+
+Expert workers hold one of these for their shard; the router holds one with every expert when it runs
+the experts in process. Input rows carry their expert ids and gates; output is the gate-weighted sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from grokserve.model import layers
+from grokserve.model.config import GrokConfig
+from grokserve.model.weights import EXPERT_MATRICES, Param, expert_name, materialize
+
+NO_EXPERT = -1  # an expert-id slot that this holder should ignore
+
+
+class ExpertShardError(ValueError):
+    """A request names a (layer, expert) that this module does not hold."""
+
+
+class ExpertModule:
+    """Stacked weights per layer for the experts this shard holds.
+
+    For layer L: w_gate/w_up [E_L, F, D], w_down [E_L, D, F], and `local_index[L][e]` = row of expert e
+    in the stacks (-1 when not held).
+    """
+
+    def __init__(self, config: GrokConfig, shard: Mapping[int, Iterable[int]], dtype: torch.dtype,
+                 params: Mapping[str, Param], device: torch.device | str = "cpu"):
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.shard: dict[int, tuple[int, ...]] = {int(k): tuple(sorted(set(v))) for k, v in shard.items()}
+        self.stacks: dict[int, dict[str, torch.Tensor]] = {}
+        self.local_index: dict[int, torch.Tensor] = {}
+        for layer, experts in self.shard.items():
+            if not 0 <= layer < config.n_layers:
+                raise ExpertShardError(f"layer {layer} out of range [0, {config.n_layers})")
+            for e in experts:
+                if not 0 <= e < config.n_experts:
+                    raise ExpertShardError(f"expert {e} out of range [0, {config.n_experts})")
+            self.stacks[layer] = {
+                what: torch.stack([materialize(params[expert_name(layer, e, what)], dtype) for e in experts])
+                .to(self.device).contiguous()
+                for what in EXPERT_MATRICES
+            }
+            index = torch.full((config.n_experts,), -1, dtype=torch.int64)
+            index[list(experts)] = torch.arange(len(experts))
+            self.local_index[layer] = index.to(self.device)
+
+    def holds(self, layer: int, expert: int) -> bool:
+        return expert in self.shard.get(layer, ())
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for stack in self.stacks.values() for t in stack.values())
+
+    def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """hidden [N, D], expert_ids int [N, K] (NO_EXPERT slots skipped), gates f32 [N, K] → [N, D].
+
+        Σ_k bf16-rounded-gate · expert(x) accumulated in f32, rounded once to `out_dtype` (FACTS §2.5 step 4).
+        Rows are grouped by expert: one gathered matmul chain per held expert, no per-token loop.
+        """
+        if layer not in self.stacks:
+            raise ExpertShardError(f"layer {layer} is not held by this shard")
+        stack = self.stacks[layer]
+        n_rows, _ = hidden.shape
+        out = torch.zeros(n_rows, self.config.d_model, dtype=torch.float32, device=hidden.device)  # [N, D]
+        if n_rows == 0:
+            return out.to(out_dtype or self.dtype)
+        # The reference rounds the gate probability to the activation dtype before multiplying.
+        gates = gates.to(self.dtype).float()
+        flat_ids = expert_ids.reshape(-1)  # [N·K]
+        valid = flat_ids != NO_EXPERT
+        if bool((valid & ~self._held_mask(layer, flat_ids)).any()):
+            bad = sorted({int(e) for e in flat_ids[valid & ~self._held_mask(layer, flat_ids)].tolist()})
+            raise ExpertShardError(f"layer {layer}: experts {bad} are not held by this shard")
+        local = torch.where(valid, self.local_index[layer][flat_ids.clamp(min=0)], -1)  # [N·K]
+        order = torch.argsort(local, stable=True)
+        sorted_local = local[order]
+        counts = torch.bincount(sorted_local[sorted_local >= 0], minlength=len(self.shard[layer])).tolist()
+        start = int((sorted_local < 0).sum())
+        k = expert_ids.shape[1]
+        for idx, count in enumerate(counts):
+            if count == 0:
+                continue
+            slots = order[start:start + count]  # flat (row, k) slots routed to this expert
+            start += count
+            rows = slots // k
+            y = layers.expert_ffn(hidden[rows], stack["w_gate"][idx], stack["w_up"][idx], stack["w_down"][idx])
+            out.index_add_(0, rows, y * gates.reshape(-1)[slots, None])
+        return out.to(out_dtype or self.dtype)
+
+    def _held_mask(self, layer: int, flat_ids: torch.Tensor) -> torch.Tensor:
+        return self.local_index[layer][flat_ids.clamp(min=0)] >= 0

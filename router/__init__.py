@@ -1,0 +1,1 @@
+"""grokserve.router: the client-facing Generation service, scheduler, KV cache and expert dispatcher."""

@@ -1,0 +1,52 @@
+"""Shared test fixtures: where ../shared lives, the official tiny vectors, and a loaded reference engine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("GROKSERVE_SHARED", REPO.parent / "shared"))
+VECTORS = SHARED / "grok1" / "vectors"
+OFFICIAL_TOKENIZER = SHARED / "grok1" / "tokenizer.model"
+
+
+def require_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared reference files (../shared beside the repo) are needed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def vectors() -> Path:
+    return require_shared(VECTORS)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(vectors):
+    from grokserve.model.config import GrokConfig
+
+    return GrokConfig.from_json_file(vectors / "config.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(vectors):
+    from grokserve.model.checkpoint import read_checkpoint
+
+    return read_checkpoint(vectors / "ckpt", "official", vectors / "config.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint):
+    from grokserve.model.engine import ReferenceEngine
+
+    return ReferenceEngine.from_loaded(tiny_checkpoint, "float32")
+
+
+@pytest.fixture(scope="session")
+def official_tokenizer():
+    from grokserve.model.tokenizer import Tokenizer
+
+    return Tokenizer(require_shared(OFFICIAL_TOKENIZER))

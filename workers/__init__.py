@@ -1,0 +1,1 @@
+"""grokserve.workers: expert-parallel workers serving their shard of experts over gRPC."""
