@@ -78,9 +78,10 @@ class ReferenceEngine:
     # ---- generation -----------------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]] | list[str],
-                 params: SamplingParams | list[SamplingParams] = SamplingParams()) -> list[Generation]:
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Generation]:
         """Generate for a batch of prompts (token ids, or text when a tokenizer is loaded)."""
         prompt_ids = [self._encode(p) for p in prompts]
+        params = params if params is not None else SamplingParams()
         per_row = params if isinstance(params, list) else [params] * len(prompt_ids)
         for p in per_row:
             p.validate(self.config.vocab_size)

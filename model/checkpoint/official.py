@@ -25,7 +25,6 @@ from grokserve.model.weights import (
     layer_name,
 )
 
-
 # ---- restricted unpickling ---------------------------------------------------------------------
 
 _DTYPES = {"f4": torch.float32, "f2": torch.float16, "i1": torch.int8, "bfloat16": torch.bfloat16}

@@ -161,7 +161,8 @@ def test_float32_layers_match_an_independent_float64_restatement(tiny_checkpoint
         for t in range(T):
             for e in np.argsort(-r[t], kind="stable")[:2]:
                 pre = f"layers.{L}.experts.{e}."
-                y[t] += r[t, e] * ((gelu(x[t] @ p[pre + "w_gate"].T) * (x[t] @ p[pre + "w_up"].T)) @ p[pre + "w_down"].T)
+                act = gelu(x[t] @ p[pre + "w_gate"].T) * (x[t] @ p[pre + "w_up"].T)
+                y[t] += r[t, e] * (act @ p[pre + "w_down"].T)
         h = h + rms(y, p[f"layers.{L}.moe_post_norm"])
     ref = rms(h, p["final_norm"]) @ p["embed"].T * c.output_multiplier
     np.testing.assert_allclose(tiny_engine.logits(tokens.tolist()).double().numpy(), ref, atol=5e-5)
