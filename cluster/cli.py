@@ -46,6 +46,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from grokserve.workers.main import main as worker_main
+
+    return worker_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grokserve", description="Expert-parallel serving of Grok-1.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", required=True, type=_int_list, help="comma-separated token ids, e.g. 5,17,42")
     p.add_argument("--output", required=True, help="output .npy file")
     p.set_defaults(handler=cmd_score)
+
+    p = sub.add_parser("worker", help="run one expert worker standalone (outside Ray)",
+                       description="Serve ExpertService for a shard of (layer, expert) from a grokserve checkpoint. "
+                                   "Health turns SERVING once the weights are loaded; SIGTERM drains in-flight calls.")
+    p.add_argument("--checkpoint", required=True, help="grokserve checkpoint folder")
+    p.add_argument("--layers", default="all", help="layers held, e.g. 0-63, 0,2,4 or all (default)")
+    p.add_argument("--experts", required=True, help="experts held in each of those layers, e.g. 0,1 or 0-3")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=0, help="port (0 = pick a free one and print it)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--max-rows", type=int, default=4096, help="largest number of rows accepted per message")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.set_defaults(handler=cmd_worker)
     return parser
 
 
