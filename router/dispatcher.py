@@ -8,6 +8,7 @@ replica of the shard; when none answers, `ShardUnavailable` names the shard.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -93,10 +94,8 @@ class _Stream:
 
     def close(self) -> None:
         self.broken = True
-        try:
+        with contextlib.suppress(queue.Full):
             self.requests.put_nowait(_END)
-        except queue.Full:
-            pass
         self.call.cancel()
 
 
@@ -200,7 +199,7 @@ class Dispatcher:
             ids = torch.where(mine, expert_ids, torch.full_like(expert_ids, -1))[rows]  # [n, K]
             jobs.append((self.plan.shards[shard_index].name, rows, ids, gates[rows]))
         deadline = time.monotonic() + self.deadline_s
-        for (shard, rows, _, _), partial in zip(jobs, self._exchange(layer, hidden, jobs, deadline), strict=True):
+        for (_shard, rows, _, _), partial in zip(jobs, self._exchange(layer, hidden, jobs, deadline), strict=True):
             out.index_add_(0, rows, partial.float())
         return out.to(self.dtype)
 
