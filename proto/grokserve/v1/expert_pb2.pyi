@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -19,7 +17,7 @@ DTYPE_FLOAT32: DType
 DTYPE_BFLOAT16: DType
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("call_id", "dtype", "expert_ids", "experts_per_row", "gates", "hidden", "hidden_size", "layer", "num_rows")
+    __slots__ = ("call_id", "layer", "dtype", "num_rows", "hidden_size", "hidden", "experts_per_row", "expert_ids", "gates")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -38,10 +36,10 @@ class ForwardRequest(_message.Message):
     experts_per_row: int
     expert_ids: bytes
     gates: bytes
-    def __init__(self, call_id: int | None = ..., layer: int | None = ..., dtype: DType | str | None = ..., num_rows: int | None = ..., hidden_size: int | None = ..., hidden: bytes | None = ..., experts_per_row: int | None = ..., expert_ids: bytes | None = ..., gates: bytes | None = ...) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., layer: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., hidden: _Optional[bytes] = ..., experts_per_row: _Optional[int] = ..., expert_ids: _Optional[bytes] = ..., gates: _Optional[bytes] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("call_id", "compute_seconds", "dtype", "error", "num_rows", "partial")
+    __slots__ = ("call_id", "dtype", "num_rows", "partial", "compute_seconds", "error")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -54,7 +52,7 @@ class ForwardResponse(_message.Message):
     partial: bytes
     compute_seconds: float
     error: StreamError
-    def __init__(self, call_id: int | None = ..., dtype: DType | str | None = ..., num_rows: int | None = ..., partial: bytes | None = ..., compute_seconds: float | None = ..., error: StreamError | _Mapping | None = ...) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., num_rows: _Optional[int] = ..., partial: _Optional[bytes] = ..., compute_seconds: _Optional[float] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")
@@ -62,22 +60,22 @@ class StreamError(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: int | None = ..., message: str | None = ...) -> None: ...
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class LayerExperts(_message.Message):
-    __slots__ = ("expert_ids", "layer")
+    __slots__ = ("layer", "expert_ids")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, layer: int | None = ..., expert_ids: _Iterable[int] | None = ...) -> None: ...
+    def __init__(self, layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("device", "dtype", "hidden_size", "max_rows", "model_id", "num_experts", "num_layers", "resident_bytes", "shard")
+    __slots__ = ("model_id", "num_layers", "num_experts", "hidden_size", "dtype", "device", "max_rows", "shard", "resident_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -96,4 +94,4 @@ class InfoResponse(_message.Message):
     max_rows: int
     shard: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     resident_bytes: int
-    def __init__(self, model_id: str | None = ..., num_layers: int | None = ..., num_experts: int | None = ..., hidden_size: int | None = ..., dtype: DType | str | None = ..., device: str | None = ..., max_rows: int | None = ..., shard: _Iterable[LayerExperts | _Mapping] | None = ..., resident_bytes: int | None = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., max_rows: _Optional[int] = ..., shard: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
