@@ -22,7 +22,6 @@ import torch
 
 from grokserve.cluster.placement import PlacementPlan
 from grokserve.model.config import GrokConfig
-from grokserve.v1 import expert_pb2 as pb
 from grokserve.v1 import expert_pb2_grpc as pb_grpc
 from grokserve.workers import wire
 from grokserve.workers.server import message_limit
@@ -58,10 +57,10 @@ _END = object()
 class _Stream:
     """A persistent ForwardStream: requests go in through a queue, a reader thread collects answers."""
 
-    def __init__(self, stub: pb_grpc.ExpertServiceStub):
+    def __init__(self, stub: _RawExpertStub):
         self.requests: queue.Queue = queue.Queue(maxsize=64)
         self.responses: queue.Queue = queue.Queue(maxsize=64)
-        self.call = stub.ForwardStream(iter(self.requests.get, _END))
+        self.call = stub.forward_stream(iter(self.requests.get, _END))
         self.broken = False
         threading.Thread(target=self._read, daemon=True, name="expert-stream-reader").start()
 
@@ -75,10 +74,10 @@ class _Stream:
             self.broken = True
             self.responses.put(_CallFailed(grpc.StatusCode.UNAVAILABLE, "stream closed"))
 
-    def send(self, request: pb.ForwardRequest) -> None:
+    def send(self, request: bytes) -> None:
         self.requests.put_nowait(request)
 
-    def receive(self, call_id: int, timeout: float) -> pb.ForwardResponse:
+    def receive(self, call_id: int, timeout: float) -> wire.ResponseView:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -99,13 +98,30 @@ class _Stream:
         self.call.cancel()
 
 
+class _RawExpertStub:
+    """ExpertService calls whose requests are pre-serialized bytes and whose answers parse zero-copy."""
+
+    def __init__(self, channel: grpc.Channel):
+        self.forward = channel.unary_unary(
+            "/grokserve.v1.ExpertService/Forward", request_serializer=_identity,
+            response_deserializer=wire.decode_response_bytes, _registered_method=True)
+        self.forward_stream = channel.stream_stream(
+            "/grokserve.v1.ExpertService/ForwardStream", request_serializer=_identity,
+            response_deserializer=wire.decode_response_bytes, _registered_method=True)
+        self.info = pb_grpc.ExpertServiceStub(channel).Info
+
+
+def _identity(raw: bytes) -> bytes:
+    return raw
+
+
 class _Replica:
     def __init__(self, address: str, limit: int):
         self.address = address
         self.channel = grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)])
-        self.stub = pb_grpc.ExpertServiceStub(self.channel)
+        self.stub = _RawExpertStub(self.channel)
         self.stream: _Stream | None = None
         self.down_until = 0.0
         self.lock = threading.Lock()
@@ -130,6 +146,7 @@ class DispatchStats:
     failures: int = 0
     round_trip_seconds: float = 0.0
     worker_compute_seconds: float = 0.0
+    last_compute_seconds: float = 0.0  # the slowest shard's compute in the last forward (they run in parallel)
     per_shard_calls: dict[str, int] = field(default_factory=dict)
 
 
@@ -205,11 +222,14 @@ class Dispatcher:
 
     def _exchange(self, layer: int, hidden: torch.Tensor, jobs: list, deadline: float) -> list[torch.Tensor]:
         """Send every shard its message at once; wait for all; retry a failure once on another replica."""
-        requests = [wire.encode_request(next(self._call_ids), layer, hidden[rows], ids, g)
+        n_rows = hidden.shape[0]
+        requests = [(call_id := next(self._call_ids),
+                     wire.encode_request_bytes(call_id, layer, hidden if len(rows) == n_rows else hidden[rows], ids, g))
                     for _, rows, ids, g in jobs]
         pending = [self._start(shard, req, deadline, exclude=None) for (shard, *_), req in zip(jobs, requests,
                                                                                                  strict=True)]
         results = []
+        self.stats.last_compute_seconds = 0.0
         for (shard, rows, _, _), req, (replica, handle) in zip(jobs, requests, pending, strict=True):
             try:
                 response = self._finish(replica, handle, req, deadline)
@@ -229,6 +249,7 @@ class Dispatcher:
                     raise ShardUnavailable(shard, layer, detail) from None
             self.stats.calls += 1
             self.stats.worker_compute_seconds += response.compute_seconds
+            self.stats.last_compute_seconds = max(self.stats.last_compute_seconds, response.compute_seconds)
             self.stats.per_shard_calls[shard] = self.stats.per_shard_calls.get(shard, 0) + 1
             results.append(wire.decode_partial(response, len(rows), self.config.d_model, self.dtype))
         return results
@@ -243,30 +264,30 @@ class Dispatcher:
         healthy = [r for r in replicas if r.down_until <= now] or replicas
         return healthy[next(counter) % len(healthy)]
 
-    def _start(self, shard: str, req: pb.ForwardRequest, deadline: float, exclude: _Replica | None):
+    def _start(self, shard: str, req: tuple[int, bytes], deadline: float, exclude: _Replica | None):
         replica = self._pick(shard, exclude)
         if replica is None:
             return None, _CallFailed(grpc.StatusCode.UNAVAILABLE, "no live replica")
         timeout = max(0.001, deadline - time.monotonic())
         try:
             if self.transport == "unary":
-                return replica, replica.stub.Forward.future(req, timeout=timeout)
+                return replica, replica.stub.forward.future(req[1], timeout=timeout)
             with replica.lock:
                 stream = replica.get_stream()
-                stream.send(req)
+                stream.send(req[1])
             return replica, stream
         except (grpc.RpcError, queue.Full) as exc:
             return replica, _CallFailed(grpc.StatusCode.UNAVAILABLE, str(exc))
 
-    def _finish(self, replica: _Replica | None, handle, req: pb.ForwardRequest, deadline: float
-                ) -> pb.ForwardResponse:
+    def _finish(self, replica: _Replica | None, handle, req: tuple[int, bytes], deadline: float
+                ) -> wire.ResponseView:
         if isinstance(handle, _CallFailed):
             raise handle
         timeout = max(0.001, deadline - time.monotonic())
         if isinstance(handle, _Stream):
-            response = handle.receive(req.call_id, timeout)
-            if response.HasField("error"):
-                raise _CallFailed(_status_code(response.error.code), response.error.message)
+            response = handle.receive(req[0], timeout)
+            if response.has_error:
+                raise _CallFailed(_status_code(response.error_code), response.error_message)
             return response
         try:
             return handle.result(timeout=timeout)

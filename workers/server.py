@@ -22,7 +22,6 @@ from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
 from grokserve.model.engine import torch_dtype
 from grokserve.model.experts import ExpertModule
 from grokserve.v1 import expert_pb2 as pb
-from grokserve.v1 import expert_pb2_grpc as pb_grpc
 from grokserve.workers import wire
 
 log = logging.getLogger("grokserve.worker")
@@ -39,6 +38,9 @@ class WorkerSettings:
     host: str = "127.0.0.1"
     port: int = 0
     drain_seconds: float = 10.0
+    # Requests up to this many hidden elements (N·D) are computed on the event loop itself: a thread hop
+    # costs more than their compute. Larger ones go to the compute thread so the loop keeps doing I/O.
+    inline_elements: int = 1 << 16
     extra_options: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -65,7 +67,7 @@ class WeightsNotLoaded(RuntimeError):
     """A call arrived before the shard's weights are resident (→ UNAVAILABLE)."""
 
 
-class ExpertServicer(pb_grpc.ExpertServiceServicer):
+class ExpertServicer:
     """Registered before the server starts; answers UNAVAILABLE until `attach` gives it the weights."""
 
     def __init__(self, settings: WorkerSettings):
@@ -83,27 +85,30 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             dtype=experts.dtype, max_rows=self.settings.max_rows, held=experts.shard)
         self.experts = experts
 
-    def _compute(self, req: wire.DecodedRequest) -> tuple[bytes, float]:
+    def _compute(self, req: wire.DecodedRequest) -> tuple[torch.Tensor, float]:
         assert self.experts is not None
         start = time.perf_counter()
         with torch.inference_mode():
             partial = self.experts.forward(req.layer, req.hidden.to(self.experts.device),
                                            req.expert_ids.to(self.experts.device),
-                                           req.gates.to(self.experts.device))
-            raw = wire.tensor_to_bytes(partial.cpu())
-        return raw, time.perf_counter() - start
+                                           req.gates.to(self.experts.device)).cpu()
+        return partial, time.perf_counter() - start
 
-    async def _answer(self, request: pb.ForwardRequest) -> pb.ForwardResponse:
+    async def _answer(self, request: pb.ForwardRequest) -> bytes:
+        """A serialized ForwardResponse (hand-encoded: one copy of the partial sums)."""
         if self.limits is None:
             raise WeightsNotLoaded("expert weights are still loading")
         decoded = wire.decode_request(request, self.limits)  # raises WireError
         self.in_flight += 1
         try:
-            raw, seconds = await asyncio.get_running_loop().run_in_executor(self.executor, self._compute, decoded)
+            if decoded.hidden.numel() <= self.settings.inline_elements:
+                partial, seconds = self._compute(decoded)
+            else:
+                partial, seconds = await asyncio.get_running_loop().run_in_executor(self.executor, self._compute,
+                                                                                    decoded)
         finally:
             self.in_flight -= 1
-        return pb.ForwardResponse(call_id=request.call_id, dtype=request.dtype, num_rows=request.num_rows,
-                                  partial=raw, compute_seconds=seconds)
+        return wire.encode_response_bytes(request.call_id, request.dtype, partial, seconds)
 
     async def Forward(self, request, context):
         try:
@@ -118,11 +123,10 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             try:
                 yield await self._answer(request)
             except wire.WireError as exc:
-                yield pb.ForwardResponse(call_id=request.call_id, error=pb.StreamError(
-                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(exc)))
+                yield wire.encode_stream_error_bytes(request.call_id, grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                                     str(exc))
             except WeightsNotLoaded as exc:
-                yield pb.ForwardResponse(call_id=request.call_id, error=pb.StreamError(
-                    code=grpc.StatusCode.UNAVAILABLE.value[0], message=str(exc)))
+                yield wire.encode_stream_error_bytes(request.call_id, grpc.StatusCode.UNAVAILABLE.value[0], str(exc))
 
     async def Info(self, request, context):
         if self.experts is None:
@@ -134,6 +138,26 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             device=str(self.experts.device), max_rows=self.settings.max_rows,
             shard=[pb.LayerExperts(layer=layer, expert_ids=list(ids)) for layer, ids in self.experts.shard.items()],
             resident_bytes=self.experts.resident_bytes())
+
+
+def _identity(raw: bytes) -> bytes:
+    return raw
+
+
+def add_expert_service(servicer: ExpertServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_ExpertServiceServicer_to_server, but Forward/ForwardStream answers are already
+    serialized bytes (wire.encode_response_bytes), so the response serializer is the identity."""
+    handlers = {
+        "Forward": grpc.unary_unary_rpc_method_handler(
+            servicer.Forward, request_deserializer=pb.ForwardRequest.FromString, response_serializer=_identity),
+        "ForwardStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ForwardStream, request_deserializer=pb.ForwardRequest.FromString,
+            response_serializer=_identity),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, request_deserializer=pb.InfoRequest.FromString,
+            response_serializer=pb.InfoResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def message_limit(d_model: int, max_rows: int, experts_per_row: int) -> int:
@@ -155,7 +179,7 @@ class WorkerProcess:
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.servicer = ExpertServicer(settings)
-        pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, self.server)
+        add_expert_service(self.servicer, self.server)
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
