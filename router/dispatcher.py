@@ -8,10 +8,9 @@ replica of the shard; when none answers, `ShardUnavailable` names the shard.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import itertools
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,90 +50,105 @@ class _CallFailed(Exception):
         self.code = code
 
 
-_END = object()
-
-
-class _Stream:
-    """A persistent ForwardStream: requests go in through a queue, a reader thread collects answers."""
-
-    def __init__(self, stub: _RawExpertStub):
-        self.requests: queue.Queue = queue.Queue(maxsize=64)
-        self.responses: queue.Queue = queue.Queue(maxsize=64)
-        self.call = stub.forward_stream(iter(self.requests.get, _END))
-        self.broken = False
-        threading.Thread(target=self._read, daemon=True, name="expert-stream-reader").start()
-
-    def _read(self) -> None:
-        try:
-            for response in self.call:
-                self.responses.put(response)
-        except grpc.RpcError as exc:
-            self.responses.put(_CallFailed(exc.code(), exc.details() or str(exc)))
-        finally:
-            self.broken = True
-            self.responses.put(_CallFailed(grpc.StatusCode.UNAVAILABLE, "stream closed"))
-
-    def send(self, request: bytes) -> None:
-        self.requests.put_nowait(request)
-
-    def receive(self, call_id: int, timeout: float) -> wire.ResponseView:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                item = self.responses.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.close()
-                raise _CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.2f}s") from None
-            if isinstance(item, _CallFailed):
-                raise item
-            if item.call_id == call_id:
-                return item
-            # an answer to a call we gave up on earlier: drop it
-
-    def close(self) -> None:
-        self.broken = True
-        with contextlib.suppress(queue.Full):
-            self.requests.put_nowait(_END)
-        self.call.cancel()
-
-
-class _RawExpertStub:
-    """ExpertService calls whose requests are pre-serialized bytes and whose answers parse zero-copy."""
-
-    def __init__(self, channel: grpc.Channel):
-        self.forward = channel.unary_unary(
-            "/grokserve.v1.ExpertService/Forward", request_serializer=_identity,
-            response_deserializer=wire.decode_response_bytes, _registered_method=True)
-        self.forward_stream = channel.stream_stream(
-            "/grokserve.v1.ExpertService/ForwardStream", request_serializer=_identity,
-            response_deserializer=wire.decode_response_bytes, _registered_method=True)
-        self.info = pb_grpc.ExpertServiceStub(channel).Info
-
-
 def _identity(raw: bytes) -> bytes:
     return raw
 
 
+class _LoopThread:
+    """One asyncio event loop in a daemon thread: all of a dispatcher's gRPC I/O runs there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="dispatch-io")
+        self.thread.start()
+
+    def run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+class _Stream:
+    """A persistent ForwardStream. Answers are matched to waiting futures by call_id."""
+
+    def __init__(self, call):
+        self.call = call
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.broken = False
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        failure = _CallFailed(grpc.StatusCode.UNAVAILABLE, "stream closed")
+        try:
+            async for response in self.call:
+                future = self.waiting.pop(response.call_id, None)
+                if future is not None and not future.done():
+                    future.set_result(response)
+        except grpc.aio.AioRpcError as exc:
+            failure = _CallFailed(exc.code(), exc.details() or str(exc))
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.broken = True
+            for future in self.waiting.values():
+                if not future.done():
+                    future.set_exception(failure)
+            self.waiting.clear()
+
+    async def exchange(self, call_id: int, request: bytes, timeout: float) -> wire.ResponseView:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[call_id] = future
+        try:
+            await asyncio.wait_for(self.call.write(request), timeout)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            self.close()  # an unanswered stream is not trusted again
+            raise _CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.2f}s") from None
+        except grpc.aio.AioRpcError as exc:
+            self.close()
+            raise _CallFailed(exc.code(), exc.details() or str(exc)) from None
+        except asyncio.InvalidStateError:
+            self.close()
+            raise _CallFailed(grpc.StatusCode.UNAVAILABLE, "stream closed") from None
+        finally:
+            self.waiting.pop(call_id, None)
+
+    def close(self) -> None:
+        self.broken = True
+        self.call.cancel()
+        self.reader.cancel()
+
+
 class _Replica:
+    """Channel, raw-bytes stubs and (lazily) a persistent stream to one worker. Lives on the I/O loop."""
+
     def __init__(self, address: str, limit: int):
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=[
+        self.channel = grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)])
-        self.stub = _RawExpertStub(self.channel)
+        # requests are pre-serialized bytes; answers parse zero-copy (wire.decode_response_bytes)
+        self.forward = self.channel.unary_unary(
+            "/grokserve.v1.ExpertService/Forward", request_serializer=_identity,
+            response_deserializer=wire.decode_response_bytes)
+        self.forward_stream = self.channel.stream_stream(
+            "/grokserve.v1.ExpertService/ForwardStream", request_serializer=_identity,
+            response_deserializer=wire.decode_response_bytes)
+        self.info = pb_grpc.ExpertServiceStub(self.channel).Info
         self.stream: _Stream | None = None
         self.down_until = 0.0
-        self.lock = threading.Lock()
 
     def get_stream(self) -> _Stream:
         if self.stream is None or self.stream.broken:
-            self.stream = _Stream(self.stub)
+            self.stream = _Stream(self.forward_stream())
         return self.stream
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
-        self.channel.close()
+        await self.channel.close()
 
 
 @dataclass
@@ -166,10 +180,10 @@ class Dispatcher:
         owners = plan.owners(config)
         # owner[layer, expert] = index of the shard that serves it (the first that holds it)
         self.owner = torch.tensor([[o[0] for o in per_layer] for per_layer in owners], dtype=torch.int64)
-        self.replicas: dict[str, list[_Replica]] = {}
+        self.replicas: dict[str, list[_Replica]] = {}  # touched only on the I/O loop (and read by endpoints())
         self._rr: dict[str, itertools.count] = {}
-        self._lock = threading.Lock()
         self._call_ids = itertools.count(1)
+        self._io = _LoopThread()
         self.stats = DispatchStats()
         for shard in plan.shards:
             self.set_endpoints(shard.name, endpoints.get(shard.name, []))
@@ -178,24 +192,27 @@ class Dispatcher:
 
     def set_endpoints(self, shard: str, addresses: list[str]) -> None:
         """Replace a shard's replica addresses; keeps open channels to addresses that stay."""
-        with self._lock:
-            old = {r.address: r for r in self.replicas.get(shard, [])}
-            new = [old.pop(a) if a in old else _Replica(a, self.limit) for a in addresses]
-            self.replicas[shard] = new
-            self._rr.setdefault(shard, itertools.count())
+        self._io.run(self._set_endpoints(shard, list(addresses)), timeout=10)
+
+    async def _set_endpoints(self, shard: str, addresses: list[str]) -> None:
+        old = {r.address: r for r in self.replicas.get(shard, [])}
+        self.replicas[shard] = [old.pop(a) if a in old else _Replica(a, self.limit) for a in addresses]
+        self._rr.setdefault(shard, itertools.count())
         for gone in old.values():
-            gone.close()
+            await gone.close()
 
     def endpoints(self) -> dict[str, list[str]]:
-        with self._lock:
-            return {s: [r.address for r in reps] for s, reps in self.replicas.items()}
+        return {s: [r.address for r in reps] for s, reps in self.replicas.items()}
 
     def close(self) -> None:
-        with self._lock:
+        async def close_all():
             for reps in self.replicas.values():
                 for r in reps:
-                    r.close()
+                    await r.close()
             self.replicas.clear()
+
+        self._io.run(close_all(), timeout=10)
+        self._io.stop()
 
     # ---- the all-to-all ------------------------------------------------------------------------
 
@@ -214,88 +231,72 @@ class Dispatcher:
             mine = slot_owner == shard_index  # [N, K]
             rows = mine.any(dim=1).nonzero().squeeze(1)  # [n]
             ids = torch.where(mine, expert_ids, torch.full_like(expert_ids, -1))[rows]  # [n, K]
-            jobs.append((self.plan.shards[shard_index].name, rows, ids, gates[rows]))
-        deadline = time.monotonic() + self.deadline_s
-        for (_shard, rows, _, _), partial in zip(jobs, self._exchange(layer, hidden, jobs, deadline), strict=True):
-            out.index_add_(0, rows, partial.float())
-        return out.to(self.dtype)
-
-    def _exchange(self, layer: int, hidden: torch.Tensor, jobs: list, deadline: float) -> list[torch.Tensor]:
-        """Send every shard its message at once; wait for all; retry a failure once on another replica."""
-        n_rows = hidden.shape[0]
-        requests = [(call_id := next(self._call_ids),
-                     wire.encode_request_bytes(call_id, layer, hidden if len(rows) == n_rows else hidden[rows], ids, g))
-                    for _, rows, ids, g in jobs]
-        pending = [self._start(shard, req, deadline, exclude=None) for (shard, *_), req in zip(jobs, requests,
-                                                                                                 strict=True)]
-        results = []
+            call_id = next(self._call_ids)
+            request = wire.encode_request_bytes(call_id, layer, hidden if len(rows) == n_rows else hidden[rows],
+                                                ids, gates[rows])
+            jobs.append((self.plan.shards[shard_index].name, rows, call_id, request))
+        responses = self._io.run(self._exchange(layer, jobs, time.monotonic() + self.deadline_s))
         self.stats.last_compute_seconds = 0.0
-        for (shard, rows, _, _), req, (replica, handle) in zip(jobs, requests, pending, strict=True):
-            try:
-                response = self._finish(replica, handle, req, deadline)
-            except _CallFailed as first:
-                if first.code not in _RETRYABLE:
-                    raise DispatchError(f"shard '{shard}' ({replica.address if replica else '-'}) refused layer "
-                                        f"{layer}: {first}") from None
-                self._mark_down(replica)
-                self.stats.retries += 1
-                retry_replica, retry_handle = self._start(shard, req, deadline, exclude=replica)
-                try:
-                    response = self._finish(retry_replica, retry_handle, req, deadline)
-                except _CallFailed as second:
-                    self._mark_down(retry_replica)
-                    self.stats.failures += 1
-                    detail = f"{first}" if retry_replica is None else f"{first}; retry: {second}"
-                    raise ShardUnavailable(shard, layer, detail) from None
+        for (shard, rows, _, _), response in zip(jobs, responses, strict=True):
             self.stats.calls += 1
             self.stats.worker_compute_seconds += response.compute_seconds
             self.stats.last_compute_seconds = max(self.stats.last_compute_seconds, response.compute_seconds)
             self.stats.per_shard_calls[shard] = self.stats.per_shard_calls.get(shard, 0) + 1
-            results.append(wire.decode_partial(response, len(rows), self.config.d_model, self.dtype))
-        return results
+            out.index_add_(0, rows, wire.decode_partial(response, len(rows), self.config.d_model, self.dtype).float())
+        return out.to(self.dtype)
+
+    async def _exchange(self, layer: int, jobs: list, deadline: float) -> list[wire.ResponseView]:
+        """All shards at once; the first error (after its retry) is raised once every call has ended."""
+        results = await asyncio.gather(*(self._call_shard(layer, shard, call_id, request, deadline)
+                                         for shard, _, call_id, request in jobs), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
+
+    async def _call_shard(self, layer: int, shard: str, call_id: int, request: bytes, deadline: float
+                          ) -> wire.ResponseView:
+        replica = self._pick(shard, exclude=None)
+        try:
+            return await self._call(replica, call_id, request, deadline)
+        except _CallFailed as first:
+            if first.code not in _RETRYABLE:
+                raise DispatchError(f"shard '{shard}' ({replica.address if replica else '-'}) refused layer "
+                                    f"{layer}: {first}") from None
+            self._mark_down(replica)
+            self.stats.retries += 1
+            retry = self._pick(shard, exclude=replica)
+            try:
+                return await self._call(retry, call_id, request, deadline)
+            except _CallFailed as second:
+                self._mark_down(retry)
+                self.stats.failures += 1
+                detail = f"{first}" if retry is None else f"{first}; retry on {retry.address}: {second}"
+                raise ShardUnavailable(shard, layer, detail) from None
+
+    async def _call(self, replica: _Replica | None, call_id: int, request: bytes, deadline: float
+                    ) -> wire.ResponseView:
+        if replica is None:
+            raise _CallFailed(grpc.StatusCode.UNAVAILABLE, "no live replica")
+        timeout = max(0.001, deadline - time.monotonic())
+        if self.transport == "stream":
+            response = await replica.get_stream().exchange(call_id, request, timeout)
+        else:
+            try:
+                response = await replica.forward(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise _CallFailed(exc.code(), exc.details() or str(exc)) from None
+        if response.has_error:
+            raise _CallFailed(_status_code(response.error_code), response.error_message)
+        return response
 
     def _pick(self, shard: str, exclude: _Replica | None) -> _Replica | None:
-        with self._lock:
-            replicas = [r for r in self.replicas.get(shard, []) if r is not exclude]
-            counter = self._rr.setdefault(shard, itertools.count())
+        replicas = [r for r in self.replicas.get(shard, []) if r is not exclude]
         if not replicas:
             return None
         now = time.monotonic()
         healthy = [r for r in replicas if r.down_until <= now] or replicas
-        return healthy[next(counter) % len(healthy)]
-
-    def _start(self, shard: str, req: tuple[int, bytes], deadline: float, exclude: _Replica | None):
-        replica = self._pick(shard, exclude)
-        if replica is None:
-            return None, _CallFailed(grpc.StatusCode.UNAVAILABLE, "no live replica")
-        timeout = max(0.001, deadline - time.monotonic())
-        try:
-            if self.transport == "unary":
-                return replica, replica.stub.forward.future(req[1], timeout=timeout)
-            with replica.lock:
-                stream = replica.get_stream()
-                stream.send(req[1])
-            return replica, stream
-        except (grpc.RpcError, queue.Full) as exc:
-            return replica, _CallFailed(grpc.StatusCode.UNAVAILABLE, str(exc))
-
-    def _finish(self, replica: _Replica | None, handle, req: tuple[int, bytes], deadline: float
-                ) -> wire.ResponseView:
-        if isinstance(handle, _CallFailed):
-            raise handle
-        timeout = max(0.001, deadline - time.monotonic())
-        if isinstance(handle, _Stream):
-            response = handle.receive(req[0], timeout)
-            if response.has_error:
-                raise _CallFailed(_status_code(response.error_code), response.error_message)
-            return response
-        try:
-            return handle.result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            handle.cancel()
-            raise _CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.2f}s") from None
-        except grpc.RpcError as exc:
-            raise _CallFailed(exc.code(), exc.details() or str(exc)) from None
+        return healthy[next(self._rr.setdefault(shard, itertools.count())) % len(healthy)]
 
     def _mark_down(self, replica: _Replica | None) -> None:
         if replica is not None:
