@@ -11,14 +11,13 @@ futures or persistent bidi streams, to both servers at once).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
-import queue
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from grokserve.cluster.placement import auto_plan
 from grokserve.model.checkpoint.grokserve_format import write_checkpoint
 from grokserve.model.config import GrokConfig
 from grokserve.model.random_init import random_params
-from grokserve.router.dispatcher import Dispatcher
+from grokserve.router.dispatcher import Dispatcher, _LoopThread
 from grokserve.workers import wire
 
 HERE = Path(__file__).resolve().parent
@@ -52,41 +51,68 @@ def start(args: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 class EchoClient:
-    """Sends the same byte sizes as a dispatch, to several echo servers at once."""
+    """Sends the same byte sizes as a dispatch, to several echo servers at once, with grpc.aio on its own
+    event loop — the same I/O machinery as the dispatcher, so the comparison isolates grokserve's work."""
 
     def __init__(self, addresses: list[str], transport: str):
-        self.channels = [grpc.insecure_channel(a, options=[("grpc.max_receive_message_length", LIMIT),
-                                                           ("grpc.max_send_message_length", LIMIT)])
-                         for a in addresses]
+        self.io = _LoopThread()
         self.transport = transport
-        self.unary = [c.unary_unary("/bench.Echo/Unary") for c in self.channels]
-        self.streams = []
-        if transport == "stream":
-            for c in self.channels:
-                requests: queue.Queue = queue.Queue()
-                responses: queue.Queue = queue.Queue()
-                call = c.stream_stream("/bench.Echo/Stream")(iter(requests.get, None))
-                threading.Thread(target=lambda call=call, r=responses: [r.put(x) for x in call], daemon=True).start()
-                self.streams.append((requests, responses, call))
+        self.io.run(self._open(addresses))
 
-    def round_trip(self, messages: list[tuple[bytes, int]]) -> None:
-        payloads = [reply.to_bytes(8, "little") + body for body, reply in messages]
+    async def _open(self, addresses: list[str]) -> None:
+        options = [("grpc.max_receive_message_length", LIMIT), ("grpc.max_send_message_length", LIMIT)]
+        self.channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
+        self.unary = [c.unary_unary("/bench.Echo/Unary") for c in self.channels]
+        self.streams = [c.stream_stream("/bench.Echo/Stream")() for c in self.channels] \
+            if self.transport == "stream" else []
+
+    async def round_trip(self, payloads: list[bytes]) -> None:
         if self.transport == "unary":
-            futures = [stub.future(p, timeout=30) for stub, p in zip(self.unary, payloads, strict=False)]
-            for f in futures:
-                f.result()
+            await asyncio.gather(*(stub(p, timeout=30) for stub, p in zip(self.unary, payloads, strict=False)))
         else:
-            for (requests, _, _), p in zip(self.streams, payloads, strict=False):
-                requests.put(p)
-            for (_, responses, _), _p in zip(self.streams, payloads, strict=False):
-                responses.get(timeout=30)
+            async def one(call, p):
+                await call.write(p)
+                await call.read()
+
+            await asyncio.gather(*(one(call, p) for call, p in zip(self.streams, payloads, strict=False)))
+
+    def timed(self, messages: list[tuple[bytes, int]], iterations: int) -> list[float]:
+        payloads = [reply.to_bytes(8, "little") + body for body, reply in messages]
+
+        async def measure():
+            times = []
+            for _ in range(iterations):
+                start = time.perf_counter()
+                await self.round_trip(payloads)
+                times.append(time.perf_counter() - start)
+            return times
+
+        return self.io.run(measure())
 
     def close(self) -> None:
-        for requests, _, call in self.streams:
-            requests.put(None)
-            call.cancel()
-        for c in self.channels:
-            c.close()
+        async def close_all():
+            for call in self.streams:
+                call.cancel()
+            for c in self.channels:
+                await c.close()
+
+        self.io.run(close_all())
+        self.io.stop()
+
+
+def timed_dispatch(dispatcher: Dispatcher, hidden, ids, gates, iterations: int) -> tuple[list[float], list[float]]:
+    """Round trips of one layer's dispatch, timed inside the dispatcher's I/O loop (as an engine step runs)."""
+
+    async def measure():
+        rtt, compute = [], []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            await dispatcher.forward_async(0, hidden, ids, gates)
+            rtt.append(time.perf_counter() - start)
+            compute.append(dispatcher.stats.last_compute_seconds)
+        return rtt, compute
+
+    return dispatcher.run(measure())
 
 
 def routed_inputs(t: int, config: GrokConfig, generator: torch.Generator):
@@ -98,7 +124,7 @@ def routed_inputs(t: int, config: GrokConfig, generator: torch.Generator):
 
 def message_sizes(dispatcher: Dispatcher, hidden, ids, gates) -> list[tuple[bytes, int]]:
     """The exact (request bytes, reply size) per worker that this dispatch sends."""
-    owner = dispatcher.owner[0][ids]
+    owner = torch.from_numpy(dispatcher.owner_np[0])[ids]
     out = []
     for shard in torch.unique(owner).tolist():
         mine = owner == shard
@@ -137,17 +163,13 @@ def run(args) -> list[dict]:
                         hidden, ids, gates = routed_inputs(t, config, generator)
                         sizes = message_sizes(dispatcher, hidden, ids, gates)
                         rtt, compute, echo_rtt = [], [], []
-                        for i in range(args.warmup + args.iters):
-                            start_t = time.perf_counter()
-                            dispatcher.forward(0, hidden, ids, gates)
-                            elapsed = time.perf_counter() - start_t
-                            e0 = time.perf_counter()
-                            echo.round_trip(sizes)
-                            e1 = time.perf_counter()
-                            if i >= args.warmup:
-                                rtt.append(elapsed)
-                                compute.append(dispatcher.stats.last_compute_seconds)
-                                echo_rtt.append(e1 - e0)
+                        timed_dispatch(dispatcher, hidden, ids, gates, args.warmup)
+                        echo.timed(sizes, args.warmup)
+                        for _ in range(args.iters):  # interleave so both see the same machine load
+                            r, c = timed_dispatch(dispatcher, hidden, ids, gates, 1)
+                            rtt += r
+                            compute += c
+                            echo_rtt += echo.timed(sizes, 1)
                         overhead = [r - c for r, c in zip(rtt, compute, strict=True)]
                         row = {"d_model": d_model, "tokens": t, "transport": transport,
                                "request_bytes": sum(len(b) for b, _ in sizes),

@@ -93,20 +93,37 @@ class DenseModel:
 
 
 class GrokModel:
-    """Dense model + an expert backend = the whole Grok-1 forward for one engine step."""
+    """Dense model + an expert backend = the whole Grok-1 forward for one engine step.
+
+    The layer loop is written once, as a coroutine that awaits the expert backend. In-process backends
+    never suspend, so `forward` drives it synchronously; a backend with its own event loop (the gRPC
+    dispatcher) runs the whole step on that loop, so each layer's all-to-all costs no thread hop.
+    """
 
     def __init__(self, dense: DenseModel, experts: ExpertBackend):
         self.dense = dense
         self.experts = experts
         self.config = dense.config
 
-    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
                 cache: KVCache, cache_rows: torch.Tensor) -> torch.Tensor:
-        """tokens/positions [B, T], query_valid bool [B, T] (False = padding) → hidden [B, T, D] (final, pre-head).
+        """tokens/positions [B, T], query_valid bool [B, T] (False = padding) → hidden [B, T, D] (pre-head)."""
+        step = self.forward_async(tokens, positions, query_valid, cache, cache_rows)
+        run_on_loop = getattr(self.experts, "run", None)
+        if run_on_loop is not None:
+            return run_on_loop(step)
+        with torch.inference_mode():
+            try:
+                step.send(None)
+            except StopIteration as done:
+                return done.value
+        step.close()
+        raise RuntimeError("the expert backend suspended; give it a `run(coroutine)` method")
 
-        A key is visible when it is a real token (id ≠ pad, as the reference masks pad ids) at a position
-        ≤ the query's. Padding rows are left out of the MoE (their outputs are never read).
+    async def forward_async(self, tokens: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
+                            cache: KVCache, cache_rows: torch.Tensor) -> torch.Tensor:
+        """One engine step. A key is visible when it is a real token (id ≠ pad, as the reference masks pad
+        ids) at a position ≤ the query's. Padding rows are left out of the MoE (their outputs are never read).
         """
         c, dense = self.config, self.dense
         key_valid = query_valid & (tokens != c.pad_id)
@@ -118,8 +135,15 @@ class GrokModel:
             h = dense.attention_block(layer, h, cos, sin, mask, cache)
             h_rows = h.reshape(-1, c.d_model)[flat_valid]  # [N, D] real tokens only
             x, expert_ids, gates = dense.moe_input(layer, h_rows)
-            moe_out = self.experts.forward(layer, x, expert_ids, gates)  # [N, D]
+            moe_out = await self._experts(layer, x, expert_ids, gates)  # [N, D]
             h = h.reshape(-1, c.d_model).clone()
             h[flat_valid] = dense.moe_output(layer, h_rows, moe_out)
             h = h.view(tokens.shape[0], tokens.shape[1], c.d_model)
         return h
+
+    async def _experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor
+                       ) -> torch.Tensor:
+        forward_async = getattr(self.experts, "forward_async", None)
+        if forward_async is not None:
+            return await forward_async(layer, x, expert_ids, gates)
+        return self.experts.forward(layer, x, expert_ids, gates)

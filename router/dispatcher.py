@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import grpc
+import numpy as np
 import torch
 
 from grokserve.cluster.placement import PlacementPlan
@@ -179,7 +180,7 @@ class Dispatcher:
         self.limit = message_limit(config.d_model, 1 << 16, config.n_experts_per_token)
         owners = plan.owners(config)
         # owner[layer, expert] = index of the shard that serves it (the first that holds it)
-        self.owner = torch.tensor([[o[0] for o in per_layer] for per_layer in owners], dtype=torch.int64)
+        self.owner_np = np.array([[o[0] for o in per_layer] for per_layer in owners], dtype=np.int64)  # [L, E]
         self.replicas: dict[str, list[_Replica]] = {}  # touched only on the I/O loop (and read by endpoints())
         self._rr: dict[str, itertools.count] = {}
         self._call_ids = itertools.count(1)
@@ -216,33 +217,51 @@ class Dispatcher:
 
     # ---- the all-to-all ------------------------------------------------------------------------
 
+    def run(self, coroutine):
+        """Run a coroutine (typically a whole engine step) on the dispatcher's I/O loop and wait for it."""
+        return self._io.run(coroutine)
+
     def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor
                 ) -> torch.Tensor:
-        """hidden [N, D], expert_ids [N, K], gates f32 [N, K] → Σ partials [N, D] in the activation dtype."""
+        """Synchronous form of `forward_async`, from any thread but the I/O loop's."""
+        return self._io.run(self.forward_async(layer, hidden, expert_ids, gates))
+
+    async def forward_async(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor
+                            ) -> torch.Tensor:
+        """hidden [N, D], expert_ids [N, K], gates f32 [N, K] → Σ partials [N, D] in the activation dtype.
+
+        Runs on the I/O loop. Routing uses numpy: per-op cost matters at decode sizes (N = batch).
+        """
         n_rows = hidden.shape[0]
         out = torch.zeros(n_rows, self.config.d_model, dtype=torch.float32)  # [N, D]
         if n_rows == 0:
             return out.to(self.dtype)
         hidden = hidden.to(self.dtype).cpu()
-        expert_ids = expert_ids.cpu()
-        slot_owner = self.owner[layer][expert_ids]  # [N, K] shard index per slot
+        ids_np = expert_ids.cpu().numpy()  # [N, K]
+        gates = gates.cpu()
+        slot_owner = self.owner_np[layer][ids_np]  # [N, K] shard index per slot
         jobs = []
-        for shard_index in torch.unique(slot_owner).tolist():
+        for shard_index in np.unique(slot_owner).tolist():
             mine = slot_owner == shard_index  # [N, K]
-            rows = mine.any(dim=1).nonzero().squeeze(1)  # [n]
-            ids = torch.where(mine, expert_ids, torch.full_like(expert_ids, -1))[rows]  # [n, K]
+            rows_np = np.flatnonzero(mine.any(axis=1))  # [n]
+            rows = torch.from_numpy(rows_np)
+            ids = torch.from_numpy(np.where(mine, ids_np, -1)[rows_np])  # [n, K]
+            all_rows = len(rows_np) == n_rows
             call_id = next(self._call_ids)
-            request = wire.encode_request_bytes(call_id, layer, hidden if len(rows) == n_rows else hidden[rows],
-                                                ids, gates[rows])
+            request = wire.encode_request_bytes(call_id, layer, hidden if all_rows else hidden[rows], ids,
+                                                gates if all_rows else gates[rows])
             jobs.append((self.plan.shards[shard_index].name, rows, call_id, request))
-        responses = self._io.run(self._exchange(layer, jobs, time.monotonic() + self.deadline_s))
+        responses = await self._exchange(layer, jobs, time.monotonic() + self.deadline_s)
         self.stats.last_compute_seconds = 0.0
         for (shard, rows, _, _), response in zip(jobs, responses, strict=True):
             self.stats.calls += 1
             self.stats.worker_compute_seconds += response.compute_seconds
             self.stats.last_compute_seconds = max(self.stats.last_compute_seconds, response.compute_seconds)
             self.stats.per_shard_calls[shard] = self.stats.per_shard_calls.get(shard, 0) + 1
-            out.index_add_(0, rows, wire.decode_partial(response, len(rows), self.config.d_model, self.dtype).float())
+            partial = wire.decode_partial(response, len(rows), self.config.d_model, self.dtype)
+            if len(jobs) == 1:
+                return partial.clone()  # one shard answered for every row: nothing to sum
+            out.index_add_(0, rows, partial.float())
         return out.to(self.dtype)
 
     async def _exchange(self, layer: int, jobs: list, deadline: float) -> list[wire.ResponseView]:

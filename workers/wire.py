@@ -11,6 +11,7 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from grokserve.v1 import expert_pb2 as pb
@@ -241,18 +242,20 @@ def decode_request(req: pb.ForwardRequest, limits: ShardLimits) -> DecodedReques
                                       f"{n_rows * k * 4}")
     if len(req.gates) != n_rows * k * 4:
         raise WireError("gates", f"{len(req.gates)} bytes, expected num_rows·experts_per_row·4 = {n_rows * k * 4}")
-    expert_ids = bytes_to_tensor(req.expert_ids, torch.int32, (n_rows, k)).to(torch.int64)
-    held = limits.held[req.layer]
-    used = expert_ids[expert_ids != -1]
-    if used.numel() == 0:
+    ids = np.frombuffer(req.expert_ids, dtype="<i4").reshape(n_rows, k)  # numpy: µs, not torch's 10 µs/op
+    used = ids[ids != -1]
+    if used.size == 0:
         raise WireError("expert_ids", "no slot names an expert")
-    bad = sorted(set(used.tolist()) - set(held))
-    if bad:
-        raise WireError("expert_ids", f"experts {bad} of layer {req.layer} are not held by this worker "
+    held = limits.held[req.layer]
+    bad = np.setdiff1d(used, held)
+    if bad.size:
+        raise WireError("expert_ids", f"experts {bad.tolist()} of layer {req.layer} are not held by this worker "
                                       f"(holds {list(held)})")
-    gates = bytes_to_tensor(req.gates, torch.float32, (n_rows, k))
-    if not bool(torch.isfinite(gates).all()):
+    gates_np = np.frombuffer(req.gates, dtype="<f4").reshape(n_rows, k)
+    if not np.isfinite(gates_np).all():
         raise WireError("gates", "must all be finite")
+    expert_ids = torch.from_numpy(ids.astype(np.int64))
+    gates = torch.from_numpy(gates_np.copy())
     hidden = bytes_to_tensor(req.hidden, dtype, (n_rows, limits.hidden_size))
     return DecodedRequest(req.layer, hidden, expert_ids, gates)
 
