@@ -28,7 +28,8 @@ from grokserve.cluster.placement import auto_plan
 from grokserve.model.checkpoint.grokserve_format import write_checkpoint
 from grokserve.model.config import GrokConfig
 from grokserve.model.random_init import random_params
-from grokserve.router.dispatcher import Dispatcher, _LoopThread
+from grokserve.router.dispatcher import Dispatcher
+from grokserve.router.loop_thread import LoopThread
 from grokserve.workers import wire
 
 HERE = Path(__file__).resolve().parent
@@ -55,7 +56,7 @@ class EchoClient:
     event loop — the same I/O machinery as the dispatcher, so the comparison isolates grokserve's work."""
 
     def __init__(self, addresses: list[str], transport: str):
-        self.io = _LoopThread()
+        self.io = LoopThread("echo-io")
         self.transport = transport
         self.io.run(self._open(addresses))
 

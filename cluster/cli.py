@@ -52,6 +52,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return worker_main(args)
 
 
+def cmd_router(args: argparse.Namespace) -> int:
+    from grokserve.router.main import main as router_main
+
+    return router_main(args)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from grokserve.client import Client
+
+    prompt: str | list[int] = _int_list(args.prompt) if args.token_ids else args.prompt
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed, stop=args.stop or None)
+    try:
+        with Client(args.address, timeout=args.timeout) as client:
+            last = None
+            for chunk in client.generate_stream(prompt, **kwargs):
+                print(chunk.text if chunk.text or not args.token_ids else " ".join(map(str, chunk.token_ids)),
+                      end="" if chunk.text else " ", flush=True)
+                last = chunk
+            print()
+            if last is not None and args.verbose:
+                print(f"[{last.usage.completion_tokens} tokens, finish {last.finish_reason}, "
+                      f"ttft {last.timings.time_to_first_token_seconds * 1e3:.0f} ms, "
+                      f"total {last.timings.total_seconds * 1e3:.0f} ms]", file=sys.stderr)
+    except grpc.RpcError as exc:
+        print(f"grokserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grokserve", description="Expert-parallel serving of Grok-1.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +123,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=4096, help="largest number of rows accepted per message")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser("router", help="run one router (the Generation gRPC service) standalone",
+                       description="Serve the client Generation API with health and reflection. Experts run in "
+                                   "process unless --workers lists expert workers (placement is read from them).")
+    p.add_argument("--checkpoint", required=True, help="grokserve checkpoint folder")
+    p.add_argument("--workers", default="", help="expert workers HOST:PORT,HOST:PORT,... (default: in process)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--transport", default="stream", choices=("stream", "unary"), help="dispatch transport")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-running", type=int, default=64, help="sequences per engine step")
+    p.add_argument("--max-step-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--kv-cache-mb", type=int, default=64, help="KV cache memory budget (MiB)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.set_defaults(handler=cmd_router)
+
+    p = sub.add_parser("generate", help="stream a completion from a running router to the terminal",
+                       description="Send one GenerateStream request and print the text as it arrives.")
+    p.add_argument("prompt", help="prompt text (or comma-separated token ids with --token-ids)")
+    p.add_argument("--address", default="127.0.0.1:50051", help="router HOST:PORT")
+    p.add_argument("--token-ids", action="store_true", help="the prompt is token ids; print ids back")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    p.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
+    p.set_defaults(handler=cmd_generate)
     return parser
 
 

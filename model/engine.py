@@ -15,7 +15,7 @@ from grokserve.model.config import GrokConfig
 from grokserve.model.dense import DenseModel, ExpertBackend, GrokModel
 from grokserve.model.experts import ExpertModule
 from grokserve.model.kv_cache import ContiguousKVCache
-from grokserve.model.sampling import SampledToken, SamplingParams, make_generator, sample
+from grokserve.model.sampling import SampledToken, SamplingParams, finish_reason, make_generator, sample
 from grokserve.model.text_stream import TextStream
 from grokserve.model.tokenizer import Tokenizer
 
@@ -116,8 +116,8 @@ class ReferenceEngine:
                 res.token_ids.append(token.token_id)
                 res.tokens.append(token)
                 texts[r] += streams[r].push(token.token_id)
-                finish = self._finish_reason(token.token_id, sp, streams[r], len(res.token_ids),
-                                             int(positions[r]) + 1)
+                finish = finish_reason(token.token_id, sp, streams[r].stopped, len(res.token_ids),
+                                       int(positions[r]) + 1, self.config.eos_id, self.config.max_seq_len)
                 if finish:
                     res.finish_reason = finish
                     texts[r] += streams[r].finish()
@@ -152,16 +152,6 @@ class ReferenceEngine:
             query_valid = positions < lengths.to(self.device)[:, None]
             outputs.append(self.model.forward(tokens[:, start:stop], positions, query_valid, cache, all_rows))
         return torch.cat(outputs, dim=1)
-
-    def _finish_reason(self, token_id: int, sp: SamplingParams, stream: TextStream, generated: int,
-                       length: int) -> str | None:
-        if stream.stopped or token_id in sp.stop_token_ids:
-            return "stop"
-        if token_id == self.config.eos_id and not sp.ignore_eos:
-            return "eos"
-        if generated >= sp.max_tokens or length >= self.config.max_seq_len:
-            return "length"
-        return None
 
     def _encode(self, prompt: list[int] | str) -> list[int]:
         if isinstance(prompt, str):

@@ -78,3 +78,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         values, ids = torch.topk(logprobs, params.logprobs)
         top = list(zip(ids.tolist(), values.tolist(), strict=True))
     return SampledToken(token, float(logprobs[token]), top)
+
+
+def finish_reason(token_id: int, params: SamplingParams, stopped_by_text: bool, generated: int,
+                  total_tokens: int, eos_id: int, max_seq_len: int) -> str | None:
+    """Why a sequence ends after sampling `token_id` (stop | eos | length), or None to go on."""
+    if stopped_by_text or token_id in params.stop_token_ids:
+        return "stop"
+    if token_id == eos_id and not params.ignore_eos:
+        return "eos"
+    if generated >= params.max_tokens or total_tokens >= max_seq_len:
+        return "length"
+    return None

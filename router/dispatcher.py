@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,6 +21,7 @@ import torch
 
 from grokserve.cluster.placement import PlacementPlan
 from grokserve.model.config import GrokConfig
+from grokserve.router.loop_thread import LoopThread
 from grokserve.v1 import expert_pb2_grpc as pb_grpc
 from grokserve.workers import wire
 from grokserve.workers.server import message_limit
@@ -53,22 +53,6 @@ class _CallFailed(Exception):
 
 def _identity(raw: bytes) -> bytes:
     return raw
-
-
-class _LoopThread:
-    """One asyncio event loop in a daemon thread: all of a dispatcher's gRPC I/O runs there."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="dispatch-io")
-        self.thread.start()
-
-    def run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
 
 
 class _Stream:
@@ -184,7 +168,7 @@ class Dispatcher:
         self.replicas: dict[str, list[_Replica]] = {}  # touched only on the I/O loop (and read by endpoints())
         self._rr: dict[str, itertools.count] = {}
         self._call_ids = itertools.count(1)
-        self._io = _LoopThread()
+        self._io = LoopThread("dispatch-io")
         self.stats = DispatchStats()
         for shard in plan.shards:
             self.set_endpoints(shard.name, endpoints.get(shard.name, []))

@@ -1,0 +1,45 @@
+"""Run one router standalone: `grokserve router --checkpoint DIR [--workers HOST:PORT,...] --port P`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import torch
+
+from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
+from grokserve.router.assembly import build_router, discover_plan
+from grokserve.router.engine import EngineLimits
+from grokserve.router.service import GenerationService, start_router_server
+
+
+async def run_router(args) -> None:
+    plan = endpoints = None
+    if args.workers:
+        config = GrokserveCheckpoint(args.checkpoint).config
+        plan, endpoints = discover_plan([a.strip() for a in args.workers.split(",") if a.strip()], config)
+    limits = EngineLimits(max_queue=args.max_queue, max_running=args.max_running,
+                          max_step_tokens=args.max_step_tokens, kv_cache_bytes=args.kv_cache_mb << 20,
+                          max_tokens_limit=args.max_tokens_limit)
+    router = build_router(args.checkpoint, args.dtype, args.device, plan, endpoints, limits, args.transport)
+    shards = {name: ",".join(addrs) for name, addrs in (endpoints or {}).items()}
+    service = GenerationService(router.engine, router.tokenizer, router.model_id, shards)
+    server, port = await start_router_server(service, args.host, args.port)
+    placement = f"{len(shards)} expert shards" if shards else "experts in process"
+    print(f"grokserve router SERVING on {args.host}:{port} ({router.model_id}, {placement})", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.health.enter_graceful_shutdown()
+    await server.stop(grace=10)
+    router.shutdown()
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    asyncio.run(run_router(args))
+    return 0

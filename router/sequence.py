@@ -1,0 +1,66 @@
+"""One request's state inside the router: its tokens, KV blocks, sampler, text stream and output sink."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from grokserve.model.sampling import SampledToken, SamplingParams
+from grokserve.model.text_stream import TextStream
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for a sequence (streamed to its client)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    tokens: list[SampledToken] = field(default_factory=list)
+    finish_reason: str | None = None  # length | stop | eos | cancelled
+    error: tuple[str, str] | None = None  # (gRPC status name, message)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_seconds: float = 0.0
+    time_to_first_token_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    text: TextStream
+    sink: Callable[[StepOutput], None]
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    cancelled: bool = False
+    finished: bool = False
+    preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    def timings(self, now: float) -> dict[str, float]:
+        return {
+            "queue_seconds": (self.first_scheduled or now) - self.arrival,
+            "time_to_first_token_seconds": (self.first_token or now) - self.arrival,
+            "total_seconds": now - self.arrival,
+        }
