@@ -84,6 +84,124 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readiness_bar():
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, desc="expert shards ready", unit="shard", disable=None)
+
+    def progress(stats: dict, missing: list[str]) -> None:
+        total = len(stats["endpoints"])
+        bar.total = total
+        bar.n = total - len(missing)
+        bar.refresh()
+
+    return bar, progress
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from grokserve.cluster import session
+    from grokserve.cluster.spec import load_spec
+
+    spec = load_spec(args.spec)
+    started_head = False
+    address = args.address
+    if not address:
+        address = session.start_local_head(args.ray_port, args.num_cpus)
+        started_head = True
+    session.save_state({"address": address, "app": spec.name, "started_head": started_head,
+                        "host": spec.router.host, "port": spec.router.grpc_port})
+    session.connect(address)
+    print(f"deploying '{spec.name}' ({spec.model.checkpoint}) on Ray at {address} ...", flush=True)
+    bar, progress = _readiness_bar()
+    stats = session.deploy(spec, args.timeout, progress)
+    bar.close()
+    print(f"grokserve is up: gRPC Generation service at {spec.router.host}:{stats['port']}")
+    print(f"  try: grokserve generate --address {spec.router.host}:{stats['port']} \"The\"")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from grokserve.cluster import session
+
+    state = session.load_state()
+    address = args.address or state.get("address")
+    if not address:
+        print("grokserve status: no cluster known (run grokserve up, or pass --address)", file=sys.stderr)
+        return 1
+    session.connect(address)
+    report = session.describe(args.app or state.get("app", "grokserve"))
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+        return 0
+    print(f"application {report['app']}: {report['app_status']}  (Ray at {address})")
+    for name, dep in report["deployments"].items():
+        print(f"  {name:<24} {dep['status']:<10} replicas {dep['replicas']}")
+    print("expert shards (registered replicas):")
+    for shard, replicas in sorted(report["shards"].items()):
+        for r in replicas:
+            print(f"  {shard:<24} {r['address']:<22} node {r['node_id'][:12]}  seen {r['age_s']}s ago")
+    router = report["router"] or {}
+    if "load" in router:
+        load = router["load"]
+        print(f"router: port {router['port']}  running {load['running']}  waiting {load['waiting']}  "
+              f"kv {load['kv_usage']:.0%}  steps {router['steps']}")
+    print("nodes:")
+    for node_id, node in report["nodes"].items():
+        print(f"  {node_id[:12]} {'alive' if node['alive'] else 'DEAD '} {node['address']} {node['resources']}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from grokserve.cluster import session
+
+    state = session.load_state()
+    address = args.address or state.get("address")
+    if address:
+        try:
+            session.connect(address)
+            session.teardown(None)
+        except Exception as exc:  # the cluster may already be gone
+            print(f"grokserve down: {exc}", file=sys.stderr)
+    if state.get("started_head") and not args.address:
+        session.stop_local_head()
+    session.STATE_FILE.unlink(missing_ok=True)
+    print("grokserve is down")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Embedded Ray → deploy the spec → one streamed request → shut down, all in this process."""
+    import ray
+
+    from grokserve.client import Client
+    from grokserve.cluster import session
+    from grokserve.cluster.spec import load_spec
+
+    session.loopback_env()
+    spec = load_spec(args.spec)
+    spec = spec.model_copy(update={"router": spec.router.model_copy(update={"grpc_port": args.port})})
+    ray.init(namespace="grokserve", include_dashboard=False, log_to_driver=False, num_cpus=args.num_cpus)
+    try:
+        print(f"starting a local cluster: {spec.model.checkpoint} model, router + "
+              f"{spec.experts.workers or len(spec.experts.shards or [])} expert workers ...", flush=True)
+        bar, progress = _readiness_bar()
+        stats = session.deploy(spec, args.timeout, progress)
+        bar.close()
+        address = f"{spec.router.host}:{stats['port']}"
+        print(f"serving on {address}; request: {args.prompt!r}", flush=True)
+        with Client(address, timeout=120) as client:
+            print(args.prompt, end="", flush=True)
+            for chunk in client.generate_stream(args.prompt, max_tokens=args.max_tokens, temperature=0.0):
+                print(chunk.text, end="", flush=True)
+            print()
+        return 0
+    finally:
+        session.teardown(None)
+        ray.shutdown()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grokserve", description="Expert-parallel serving of Grok-1.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -156,6 +274,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     p.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
     p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("up", help="start the cluster (local Ray by default) and deploy the application",
+                       description="Start a local Ray head in the background (or join --address), deploy the "
+                                   "router and expert shards of SPEC (default: the demo model on 2 CPU workers), "
+                                   "wait until every shard is ready and print where to connect.")
+    p.add_argument("spec", nargs="?", help="cluster spec YAML (default: demo model, 2 expert workers, CPU)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--ray-port", type=int, default=6380, help="port of the local Ray head")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray head offers")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
+    p.set_defaults(handler=cmd_up)
+
+    p = sub.add_parser("status", help="show shards, replicas, nodes, health and load",
+                       description="Report the application's deployments, where each expert shard's replicas "
+                                   "run, the router's load and the Ray nodes.")
+    p.add_argument("--address", help="Ray cluster address (default: the one `up` started)")
+    p.add_argument("--app", help="application name (default: the one `up` deployed)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("down", help="remove the application (and stop the local Ray that `up` started)")
+    p.add_argument("--address", help="Ray cluster address (the cluster itself is left running)")
+    p.set_defaults(handler=cmd_down)
+
+    p = sub.add_parser("demo", help="start a local cluster, answer one gRPC request, stop it",
+                       description="All in one process: embedded Ray, the demo model (or SPEC) behind a router "
+                                   "and expert workers, one streamed Generate request printed, then shut down.")
+    p.add_argument("prompt", nargs="?", default="And God said")
+    p.add_argument("--spec", help="cluster spec YAML (default: demo model, 2 expert workers)")
+    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=600)
+    p.set_defaults(handler=cmd_demo)
     return parser
 
 

@@ -1,0 +1,123 @@
+"""Ray for the `grokserve` CLI: start a local head (or join one), deploy the app, report, and tear down.
+
+`up` starts a local Ray head in the background (unless --address joins an existing cluster) and deploys
+detached; `status` and `down` find it again through a small state file. `demo` does all of it in one
+process: embedded Ray, deploy, one streamed request, shut down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATE_FILE = Path(os.environ.get("GROKSERVE_STATE", Path.home() / ".grokserve" / "cluster.json"))
+DEFAULT_RAY_PORT = 6380
+
+
+def loopback_env() -> None:
+    """Keep a local Ray on loopback, without usage stats, under one temp dir (MACHINE-NOTES)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-grokserve")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def _ray_cli() -> str:
+    candidate = Path(sys.executable).parent / "ray"
+    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+
+
+def start_local_head(port: int = DEFAULT_RAY_PORT, num_cpus: int | None = None) -> str:
+    loopback_env()
+    args = [_ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+            "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={os.environ['RAY_TMPDIR']}"]
+    if num_cpus is not None:
+        args.append(f"--num-cpus={num_cpus}")
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ray start failed: {result.stderr.strip()[-2000:]}")
+    return f"127.0.0.1:{port}"
+
+
+def stop_local_head() -> None:
+    subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, text=True)
+
+
+def save_state(state: dict) -> None:
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.write_text(json.dumps(state, indent=1))
+
+
+def load_state() -> dict:
+    try:
+        return json.loads(STATE_FILE.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def connect(address: str) -> None:
+    import ray
+
+    loopback_env()
+    ray.init(address=address, namespace="grokserve", log_to_driver=False, ignore_reinit_error=True)
+
+
+def deploy(spec, blocking_timeout: float, progress=None) -> dict:
+    """Deploy the spec's application (Serve without an HTTP proxy: clients use the router's gRPC port)."""
+    from ray import serve
+
+    from grokserve.cluster.app import build_app, wait_until_ready
+
+    serve.start(proxy_location="Disabled")
+    serve.run(build_app(spec), name=spec.name, route_prefix=None, blocking=False)
+    return wait_until_ready(spec, blocking_timeout, progress)
+
+
+def teardown(app_name: str | None = None) -> None:
+    import ray
+    from ray import serve
+
+    from grokserve.cluster.registry import REGISTRY_NAME, REGISTRY_NAMESPACE
+
+    if app_name:
+        serve.delete(app_name)
+    else:
+        serve.shutdown()
+    with contextlib.suppress(ValueError):  # no registry: nothing was deployed
+        ray.kill(ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE))
+
+
+def describe(app_name: str) -> dict:
+    """Shards, replicas, nodes, health and load of a running application."""
+    import ray
+    from ray import serve
+
+    from grokserve.cluster.app import REGISTRY_TTL_S
+    from grokserve.cluster.registry import get_registry
+
+    status = serve.status()
+    app = status.applications.get(app_name)
+    deployments = {}
+    if app is not None:
+        for name, dep in app.deployments.items():
+            deployments[name] = {"status": str(dep.status.value if hasattr(dep.status, "value") else dep.status),
+                                 "replicas": {str(k.value if hasattr(k, "value") else k): v
+                                              for k, v in dep.replica_states.items()}}
+    registry = ray.get(get_registry().snapshot.remote(REGISTRY_TTL_S), timeout=10)
+    nodes = {n["NodeID"]: {"alive": n["Alive"], "address": n["NodeManagerAddress"],
+                           "resources": {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}}
+             for n in ray.nodes()}
+    router = None
+    try:
+        router = serve.get_deployment_handle("router", app_name=app_name).stats.remote().result(timeout_s=10)
+    except Exception as exc:
+        router = {"error": str(exc)}
+    return {"app": app_name, "app_status": str(app.status.value) if app else "NOT_DEPLOYED",
+            "deployments": deployments, "shards": registry, "nodes": nodes, "router": router,
+            "checked_at": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -1,0 +1,180 @@
+"""The cluster spec: one pydantic model shared by the CLI, the Ray Serve application and the Helm chart.
+
+YAML in, a validated spec out; errors name the field (`experts.shards.1.layers: ...`). `placement()` turns
+it into the PlacementPlan both routers and workers use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from grokserve.cluster.placement import PlacementPlan, Shard, auto_plan
+from grokserve.model.config import GrokConfig
+
+DEMO = "demo"
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
+
+
+class SpecError(ValueError):
+    """The spec is invalid; the message names each offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ActorOptions(_Strict):
+    """What each replica asks Ray for (Ray Serve `ray_actor_options`)."""
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    memory: int | None = Field(default=None, ge=0, description="bytes")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources / node labels")
+
+    def to_ray(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory:
+            options["memory"] = self.memory
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
+
+class ModelSpec(_Strict):
+    checkpoint: str = Field(default=DEMO, description="a grokserve checkpoint folder, or 'demo'")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+    def checkpoint_path(self) -> Path:
+        return DEMO_CHECKPOINT if self.checkpoint == DEMO else Path(self.checkpoint)
+
+
+class Limits(_Strict):
+    max_queue: int = Field(default=256, ge=1)
+    max_running: int = Field(default=64, ge=1)
+    max_step_tokens: int = Field(default=512, ge=1)
+    kv_cache_mb: int = Field(default=64, ge=1)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+
+
+class RouterSpec(_Strict):
+    replicas: int = Field(default=1, ge=1)
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=1, le=65535)
+    transport: Literal["stream", "unary"] = "stream"
+    dispatch_deadline_s: float = Field(default=10.0, gt=0)
+    threads: int = Field(default=0, ge=0, description="torch threads per router (0 = torch default)")
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    limits: Limits = Field(default_factory=Limits)
+
+
+def _parse_indices(value: Any) -> tuple[int, ...]:
+    """'0-3' | '0,2,4' | [0, 1] | 5 → sorted indices."""
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, list | tuple):
+        return tuple(sorted({int(v) for v in value}))
+    if isinstance(value, str):
+        out: set[int] = set()
+        for part in value.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                if int(hi) < int(lo):
+                    raise ValueError(f"range '{part}' runs backwards")
+                out.update(range(int(lo), int(hi) + 1))
+            elif part:
+                out.add(int(part))
+        if out:
+            return tuple(sorted(out))
+    raise ValueError(f"expected indices like '0-3', '0,2' or a list, got {value!r}")
+
+
+class ShardSpec(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    layers: tuple[int, ...] | str = "all"
+    experts: tuple[int, ...]
+    replicas: int = Field(default=1, ge=1)
+    ray_actor_options: ActorOptions | None = None
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _experts(cls, v: Any) -> tuple[int, ...]:
+        return _parse_indices(v)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v: Any) -> tuple[int, ...] | str:
+        return v if v == "all" else _parse_indices(v)
+
+
+class ExpertsSpec(_Strict):
+    workers: int | None = Field(default=2, ge=1, description="auto plan: this many shards")
+    layer_groups: int = Field(default=1, ge=1, description="auto plan: split layers into this many ranges")
+    replicas: int = Field(default=1, ge=1, description="auto plan: replicas per shard")
+    shards: list[ShardSpec] | None = Field(default=None, description="explicit shards (instead of workers)")
+    threads: int = Field(default=1, ge=0, description="torch threads per expert worker (0 = torch default)")
+    max_rows: int = Field(default=4096, ge=1)
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ExpertsSpec:
+        if self.shards is not None:
+            self.workers = None
+            names = [s.name for s in self.shards]
+            if len(set(names)) != len(names):
+                raise ValueError(f"shard names must be unique, got {names}")
+        return self
+
+
+class ClusterSpec(_Strict):
+    name: str = Field(default="grokserve", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    experts: ExpertsSpec = Field(default_factory=ExpertsSpec)
+
+    def placement(self, config: GrokConfig) -> PlacementPlan:
+        e = self.experts
+        if e.shards is None:
+            return auto_plan(config, e.workers or 1, e.layer_groups, e.replicas)
+        shards = [Shard(name=s.name, layers=tuple(range(config.n_layers)) if s.layers == "all" else s.layers,
+                        experts=s.experts, replicas=s.replicas) for s in e.shards]
+        return PlacementPlan(shards=tuple(shards)).check(config)
+
+    def shard_actor_options(self, shard_name: str) -> ActorOptions:
+        for s in self.experts.shards or []:
+            if s.name == shard_name and s.ray_actor_options is not None:
+                return s.ray_actor_options
+        return self.experts.ray_actor_options
+
+
+def _field_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        lines.append(f"{where}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def parse_spec(data: dict[str, Any] | None) -> ClusterSpec:
+    try:
+        return ClusterSpec.model_validate(data or {})
+    except ValidationError as exc:
+        raise SpecError(f"invalid cluster spec: {_field_errors(exc)}") from None
+
+
+def load_spec(path: str | Path | None) -> ClusterSpec:
+    """A YAML file → ClusterSpec; no path → the defaults (demo model, 2 expert workers, CPU)."""
+    if path is None:
+        return parse_spec({})
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise SpecError(f"{path}: a cluster spec is a mapping, got {type(data).__name__}")
+    return parse_spec(data)
