@@ -106,7 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     started_head = False
     address = args.address
     if not address:
-        address = session.start_local_head(args.ray_port, args.num_cpus)
+        address = session.start_local_head(args.ray_port, args.num_cpus or session.local_cpus(spec))
         started_head = True
     session.save_state({"address": address, "app": spec.name, "started_head": started_head,
                         "host": spec.router.host, "port": spec.router.grpc_port})
@@ -182,7 +182,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     session.loopback_env()
     spec = load_spec(args.spec)
     spec = spec.model_copy(update={"router": spec.router.model_copy(update={"grpc_port": args.port})})
-    ray.init(namespace="grokserve", include_dashboard=False, log_to_driver=False, num_cpus=args.num_cpus)
+    ray.init(namespace="grokserve", include_dashboard=False, log_to_driver=False,
+             num_cpus=args.num_cpus or session.local_cpus(spec))
     try:
         print(f"starting a local cluster: {spec.model.checkpoint} model, router + "
               f"{spec.experts.workers or len(spec.experts.shards or [])} expert workers ...", flush=True)

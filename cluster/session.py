@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,15 +70,57 @@ def connect(address: str) -> None:
     ray.init(address=address, namespace="grokserve", log_to_driver=False, ignore_reinit_error=True)
 
 
+def local_cpus(spec) -> int:
+    """Logical CPUs for a Ray that grokserve starts itself: at least what the spec asks for, so the default
+    spec (router + 2 workers at 1 CPU each) also runs on a 2-core laptop (Ray CPUs are scheduling tokens)."""
+    from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
+
+    config = GrokserveCheckpoint(spec.model.checkpoint_path()).config
+    return max(os.cpu_count() or 1, math.ceil(spec.required_resources(config).get("CPU", 0)))
+
+
+def check_resources(spec) -> None:
+    """Refuse to deploy what the cluster cannot place (Serve would wait forever), naming what is short."""
+    import ray
+
+    from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
+
+    config = GrokserveCheckpoint(spec.model.checkpoint_path()).config
+    available = ray.cluster_resources()
+    short = {k: (v, available.get(k, 0.0)) for k, v in spec.required_resources(config).items()
+             if v > available.get(k, 0.0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{k}: needs {need:g}, cluster has {have:g}" for k, (need, have) in short.items())
+        raise RuntimeError(f"the cluster cannot place '{spec.name}' ({detail}); lower ray_actor_options in the "
+                           "spec or add nodes")
+
+
 def deploy(spec, blocking_timeout: float, progress=None) -> dict:
-    """Deploy the spec's application (Serve without an HTTP proxy: clients use the router's gRPC port)."""
+    """Deploy the spec's application (Serve without an HTTP proxy: clients use the router's gRPC port) and
+    wait, at most `blocking_timeout` seconds, until it serves."""
     from ray import serve
 
     from grokserve.cluster.app import build_app, wait_until_ready
 
+    check_resources(spec)
     serve.start(proxy_location="Disabled")
-    serve.run(build_app(spec), name=spec.name, route_prefix=None, blocking=False)
-    return wait_until_ready(spec, blocking_timeout, progress)
+    deadline = time.monotonic() + blocking_timeout
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(build_app(spec), name=spec.name, route_prefix=None, blocking=False)
+        except BaseException as exc:  # reported below
+            failure.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True, name="serve-run")
+    runner.start()
+    runner.join(timeout=blocking_timeout)
+    if failure:
+        raise RuntimeError(f"deploying '{spec.name}' failed: {failure[0]}") from failure[0]
+    if runner.is_alive():
+        raise TimeoutError(f"'{spec.name}' was not deployed within {blocking_timeout:.0f}s (see `grokserve status`)")
+    return wait_until_ready(spec, max(1.0, deadline - time.monotonic()), progress)
 
 
 def teardown(app_name: str | None = None) -> None:

@@ -145,6 +145,20 @@ class ClusterSpec(_Strict):
                         experts=s.experts, replicas=s.replicas) for s in e.shards]
         return PlacementPlan(shards=tuple(shards)).check(config)
 
+    def required_resources(self, config: GrokConfig) -> dict[str, float]:
+        """Total Ray resources every replica of the application asks for (CPU, GPU, custom)."""
+        total: dict[str, float] = {}
+
+        def add(options: ActorOptions, replicas: int) -> None:
+            for key, value in (("CPU", options.num_cpus), ("GPU", options.num_gpus), *options.resources.items()):
+                if value:
+                    total[key] = total.get(key, 0.0) + value * replicas
+
+        add(self.router.ray_actor_options, self.router.replicas)
+        for shard in self.placement(config).shards:
+            add(self.shard_actor_options(shard.name), shard.replicas)
+        return total
+
     def shard_actor_options(self, shard_name: str) -> ActorOptions:
         for s in self.experts.shards or []:
             if s.name == shard_name and s.ray_actor_options is not None:

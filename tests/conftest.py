@@ -1,4 +1,5 @@
-"""Shared test fixtures: where ../shared lives, the official tiny vectors, and a loaded reference engine."""
+"""Shared test fixtures: where ../shared lives, the official tiny vectors, a loaded reference engine, and
+real worker processes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from procs import WorkerProc
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("GROKSERVE_SHARED", REPO.parent / "shared"))
@@ -61,41 +63,6 @@ def tiny_grokserve_ckpt(vectors, tmp_path_factory) -> Path:
     assert cli(["convert", "--checkpoint", str(vectors / "ckpt"), "--format", "official",
                 "--config", str(vectors / "config.json"), "--output", str(out)]) == 0
     return out
-
-
-class WorkerProc:
-    """A real `grokserve worker` process on loopback."""
-
-    def __init__(self, checkpoint: Path, layers: str, experts: str, extra: tuple[str, ...] = ()):
-        import subprocess
-        import sys
-
-        self.args = [sys.executable, "-m", "grokserve.cluster.cli", "worker", "--checkpoint", str(checkpoint),
-                     "--layers", layers, "--experts", experts, "--port", "0", "--threads", "1", *extra]
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.address = ""
-
-    def wait_serving(self, timeout: float = 90.0) -> WorkerProc:
-        import queue
-        import threading
-
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
-        try:
-            while True:
-                line = lines.get(timeout=timeout)
-                if "SERVING on" in line:
-                    self.address = line.split("SERVING on ")[1].split()[0]
-                    return self
-        except queue.Empty:
-            pass
-        self.kill()
-        raise RuntimeError(f"worker did not become SERVING within {timeout}s: {' '.join(self.args)}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture

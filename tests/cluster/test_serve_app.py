@@ -178,6 +178,25 @@ def test_node_loss_fails_fast_and_service_returns_when_node_is_back(app, ray_clu
             return False
 
     _wait_for(served, 120, "the shard to be rescheduled on the returning node")
-    shards = _shards()
-    assert {r["node_id"] for r in shards["a"]} == {nodes["node_a"].node_id}
+    # the lost replica's registry entry expires (it stopped refreshing); only the new one remains
+    _wait_for(lambda: {r["node_id"] for r in _shards().get("a", [])} == {nodes["node_a"].node_id},
+              REGISTRY_TTL_S + 10, "the lost replica's entry to expire")
     assert _router_identity() == router_before
+
+
+def test_demo_model_greedy_continuation_is_the_same_through_the_cluster_as_the_reference(ray_cluster):
+    """The default spec (demo model, 2 expert workers) streams the reference engine's text."""
+    from grokserve.cluster.spec import DEMO_CHECKPOINT
+
+    spec = parse_spec({"name": "grokserve-demo-test", "router": {"grpc_port": _free_port(),
+                                                                  "ray_actor_options": {"num_cpus": 0.5}},
+                       "experts": {"ray_actor_options": {"num_cpus": 0.25}}})
+    stats = deploy(spec, blocking_timeout=180)
+    try:
+        with Client(f"127.0.0.1:{stats['port']}") as client:
+            text = "".join(c.text for c in client.generate_stream("And God said", max_tokens=24, temperature=0.0))
+        expected = ReferenceEngine.from_checkpoint(DEMO_CHECKPOINT).generate(
+            ["And God said"], SamplingParams(max_tokens=24))[0].text
+        assert text == expected and len(text.split()) > 10
+    finally:
+        teardown("grokserve-demo-test")

@@ -69,7 +69,7 @@ def prompts(vectors):
 
 @pytest.fixture(scope="module")
 def workers_module(tiny_grokserve_ckpt):
-    from conftest import WorkerProc
+    from procs import WorkerProc
 
     procs = [WorkerProc(tiny_grokserve_ckpt, "all", ",".join(map(str, s.experts))) for s in
              auto_plan(read_checkpoint(tiny_grokserve_ckpt, "grokserve").config, 2).shards]
