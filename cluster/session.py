@@ -64,9 +64,12 @@ def load_state() -> dict:
 
 
 def connect(address: str) -> None:
+    """Join a Ray cluster. A loopback head needs the loopback environment *before* ray is imported (Ray reads
+    it at import time); otherwise the driver rewrites 127.0.0.1 to the machine's routable address."""
+    if address.split(":")[0] in ("127.0.0.1", "localhost"):
+        loopback_env()
     import ray
 
-    loopback_env()
     ray.init(address=address, namespace="grokserve", log_to_driver=False, ignore_reinit_error=True)
 
 
