@@ -26,9 +26,9 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import run_level, workload  # noqa: E402
+from load import run_level, workload
 
-from grokserve.client import Client  # noqa: E402
+from grokserve.client import Client
 
 CLI = [sys.executable, "-m", "grokserve.cluster.cli"]
 ADDRESS = "127.0.0.1:50051"

@@ -99,17 +99,21 @@ def start_process(args: list[str]) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"failed to start: {' '.join(args)}")
 
 
-def start_system(kind: str, checkpoint: Path, threads: int) -> tuple[list[subprocess.Popen], str]:
-    """(a) 'distributed': 2 expert workers + a router; (b) 'local': one router with experts in process."""
+def start_system(kind: str, checkpoint: Path, threads: int, metrics: bool = False
+                 ) -> tuple[list[subprocess.Popen], str]:
+    """(a) 'distributed': 2 expert workers + a router; (b) 'local': one router with experts in process.
+    With `metrics`, every process collects and serves Prometheus metrics."""
     cli = [sys.executable, "-m", "grokserve.cluster.cli"]
+    metrics_args = ["--metrics-port", "0"] if metrics else []
     procs, workers = [], []
     if kind == "distributed":
         for experts in ("0-3", "4-7"):
             proc, address = start_process([*cli, "worker", "--checkpoint", str(checkpoint), "--experts", experts,
-                                           "--threads", "1"])
+                                           "--threads", "1", *metrics_args])
             procs.append(proc)
             workers.append(address)
-    router_args = [*cli, "router", "--checkpoint", str(checkpoint), "--port", "0", "--threads", str(threads)]
+    router_args = [*cli, "router", "--checkpoint", str(checkpoint), "--port", "0", "--threads", str(threads),
+                   *metrics_args]
     if workers:
         router_args += ["--workers", ",".join(workers)]
     proc, address = start_process(router_args)
@@ -164,6 +168,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", help="benchmark a running router")
     parser.add_argument("--compare", action="store_true", help="start (a) router+2 workers and (b) local engine")
+    parser.add_argument("--metrics-overhead", action="store_true",
+                        help="run router+2 workers with metrics off, then on (alternating, --rounds times)")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
     parser.add_argument("--concurrency", default="1,8,32", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level (≥ 2×c)")
@@ -193,6 +200,23 @@ def main() -> None:
         for c in args.concurrency:
             ratio = by[("distributed", c)] / by[("local", c)]
             print(f"c={c}: distributed / local throughput = {ratio:.2f}")
+    if args.metrics_overhead:
+        for _ in range(args.rounds):  # alternate so slow drifts of the machine hit both equally
+            for name, metrics in (("metrics-off", False), ("metrics-on", True)):
+                procs, address = start_system("distributed", Path(args.checkpoint), args.router_threads, metrics)
+                try:
+                    results += sweep(name, address, args)
+                finally:
+                    for proc in procs:
+                        proc.terminate()
+                    for proc in procs:
+                        proc.wait(timeout=30)
+        for c in args.concurrency:
+            on = statistics.mean(r["output_tokens_per_s"] for r in results
+                                 if r["system"] == "metrics-on" and r["concurrency"] == c)
+            off = statistics.mean(r["output_tokens_per_s"] for r in results
+                                  if r["system"] == "metrics-off" and r["concurrency"] == c)
+            print(f"c={c}: metrics on / off throughput = {on / off:.3f} (overhead {100 * (1 - on / off):.1f} %)")
     summary = {"machine": platform.platform(), "python": platform.python_version(),
                "command": " ".join(sys.argv), "results": results}
     if args.json:
@@ -200,7 +224,7 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot)
     if not results:
-        parser.error("give --address or --compare")
+        parser.error("give --address, --compare or --metrics-overhead")
     print(json.dumps({"median_tokens_per_s": statistics.median(r["output_tokens_per_s"] for r in results)}))
 
 

@@ -18,9 +18,10 @@ import torch
 from ray import serve
 
 from grokserve.cluster.registry import get_registry
-from grokserve.cluster.spec import ClusterSpec, parse_spec
+from grokserve.cluster.spec import METRICS_PORT_SPAN, ClusterSpec, parse_spec
 from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
 from grokserve.router.loop_thread import LoopThread
+from grokserve.workers.metrics import serve_metrics
 
 log = logging.getLogger("grokserve.cluster")
 HEALTH_PERIOD_S = 2.0
@@ -58,7 +59,9 @@ class ExpertShardReplica:
         self.node_id = ray.get_runtime_context().get_node_id()
         settings = WorkerSettings(checkpoint=checkpoint, shard=shard.as_map(), dtype=spec.model.dtype,
                                   device=resolve_device(spec.model.device), max_rows=spec.experts.max_rows,
-                                  host=ray.util.get_node_ip_address(), port=0)
+                                  host=ray.util.get_node_ip_address(), port=0,
+                                  metrics_port=spec.experts.metrics_port, metrics_port_span=METRICS_PORT_SPAN,
+                                  shard_name=shard_name)
         self.io = LoopThread(f"expert-{shard_name}")
 
         async def start():
@@ -113,7 +116,12 @@ class RouterReplica:
                               max_tokens_limit=lim.max_tokens_limit)
         self.registry = get_registry()
         self.router = build_router(checkpoint, spec.model.dtype, resolve_device(spec.model.device), self.plan,
-                                   self._endpoints(), limits, spec.router.transport, spec.router.dispatch_deadline_s)
+                                   self._endpoints(), limits, spec.router.transport, spec.router.dispatch_deadline_s,
+                                   metrics=spec.router.metrics_port is not None)
+        self.metrics_port = None
+        if self.router.metrics is not None:
+            self.metrics_port = serve_metrics(self.router.metrics.registry, ray.util.get_node_ip_address(),
+                                              spec.router.metrics_port, METRICS_PORT_SPAN)
         service = GenerationService(self.router.engine, self.router.tokenizer, self.router.model_id)
         self.service = service
         self.io = LoopThread("router-grpc")
@@ -146,7 +154,8 @@ class RouterReplica:
             raise RuntimeError(f"engine loop ended: {task.exception() if not task.cancelled() else 'cancelled'}")
 
     def stats(self) -> dict:
-        return {"port": self.port, "node_id": ray.get_runtime_context().get_node_id(),
+        return {"port": self.port, "metrics_port": self.metrics_port,
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "load": self.router.engine.load(), "endpoints": self.router.dispatcher.endpoints(),
                 "dispatch": vars(self.router.dispatcher.stats).copy(), "steps": self.router.engine.steps}
 

@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--max-rows", type=int, default=4096, help="largest number of rows accepted per message")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0 = any port)")
+    p.add_argument("--shard-name", default="standalone", help="the shard label on this worker's metrics")
     p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser("router", help="run one router (the Generation gRPC service) standalone",
@@ -259,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-mb", type=int, default=64, help="KV cache memory budget (MiB)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0 = any port)")
     p.set_defaults(handler=cmd_router)
 
     p = sub.add_parser("generate", help="stream a completion from a running router to the terminal",

@@ -68,6 +68,8 @@ class RouterSpec(_Strict):
     transport: Literal["stream", "unary"] = "stream"
     dispatch_deadline_s: float = Field(default=10.0, gt=0)
     threads: int = Field(default=0, ge=0, description="torch threads per router (0 = torch default)")
+    metrics_port: int | None = Field(default=9464, ge=0, le=65535,
+                                     description="first /metrics port of router replicas on a node (null = off)")
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
     limits: Limits = Field(default_factory=Limits)
 
@@ -119,6 +121,8 @@ class ExpertsSpec(_Strict):
     shards: list[ShardSpec] | None = Field(default=None, description="explicit shards (instead of workers)")
     threads: int = Field(default=1, ge=0, description="torch threads per expert worker (0 = torch default)")
     max_rows: int = Field(default=4096, ge=1)
+    metrics_port: int | None = Field(default=9470, ge=0, le=65535,
+                                     description="first /metrics port of expert replicas on a node (null = off)")
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
 
     @model_validator(mode="after")
@@ -129,6 +133,9 @@ class ExpertsSpec(_Strict):
             if len(set(names)) != len(names):
                 raise ValueError(f"shard names must be unique, got {names}")
         return self
+
+
+METRICS_PORT_SPAN = 6  # replicas of one role on one node take consecutive ports: base … base+5
 
 
 class ClusterSpec(_Strict):

@@ -6,7 +6,7 @@ Router replicas hold this; the MoE FFNs are reached through an `ExpertBackend` (
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import torch
@@ -104,6 +104,7 @@ class GrokModel:
         self.dense = dense
         self.experts = experts
         self.config = dense.config
+        self.route_observer: Callable[[int, torch.Tensor], None] | None = None  # (layer, expert_ids) → metrics
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
                 cache: KVCache, cache_rows: torch.Tensor) -> torch.Tensor:
@@ -135,6 +136,8 @@ class GrokModel:
             h = dense.attention_block(layer, h, cos, sin, mask, cache)
             h_rows = h.reshape(-1, c.d_model)[flat_valid]  # [N, D] real tokens only
             x, expert_ids, gates = dense.moe_input(layer, h_rows)
+            if self.route_observer is not None:
+                self.route_observer(layer, expert_ids)
             moe_out = await self._experts(layer, x, expert_ids, gates)  # [N, D]
             h = h.reshape(-1, c.d_model).clone()
             h[flat_valid] = dense.moe_output(layer, h_rows, moe_out)

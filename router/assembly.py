@@ -20,6 +20,7 @@ from grokserve.model.experts import ExpertModule
 from grokserve.model.tokenizer import Tokenizer
 from grokserve.router.dispatcher import Dispatcher, Transport
 from grokserve.router.engine import EngineLimits, RouterEngine
+from grokserve.router.metrics import RouterMetrics
 from grokserve.v1 import expert_pb2 as pb
 from grokserve.v1 import expert_pb2_grpc as pb_grpc
 from grokserve.workers import wire
@@ -62,6 +63,7 @@ class Router:
     tokenizer: Tokenizer | None
     model_id: str
     dispatcher: Dispatcher | None
+    metrics: RouterMetrics | None = None
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -72,9 +74,12 @@ class Router:
 def build_router(checkpoint: str | Path, dtype: str = "float32", device: str = "cpu",
                  plan: PlacementPlan | None = None, endpoints: dict[str, list[str]] | None = None,
                  limits: EngineLimits | None = None, transport: Transport = "stream",
-                 dispatch_deadline_s: float = 10.0) -> Router:
+                 dispatch_deadline_s: float = 10.0, metrics: bool = False) -> Router:
+    """Load the dense half (and, without a plan, every expert) and start an engine; `metrics` collects
+    Prometheus metrics into `Router.metrics` (exposed by the caller)."""
     ckpt = GrokserveCheckpoint(checkpoint)
     config, dt = ckpt.config, torch_dtype(dtype)
+    router_metrics = RouterMetrics(config) if metrics else None
     dense = DenseModel(config, dt, ckpt.load(ckpt.dense_names(), progress="loading dense weights"), device)
     dispatcher = None
     if plan is None:  # experts in process
@@ -83,7 +88,7 @@ def build_router(checkpoint: str | Path, dtype: str = "float32", device: str = "
                                ckpt.load(ckpt.expert_names(everything), progress="loading experts"), device)
     else:
         experts = dispatcher = Dispatcher(config, plan, endpoints or {}, dt, deadline_s=dispatch_deadline_s,
-                                          transport=transport)
+                                          transport=transport, metrics=router_metrics)
     tokenizer = Tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
-    engine = RouterEngine(GrokModel(dense, experts), limits or EngineLimits())
-    return Router(engine, tokenizer, wire.model_id(config), dispatcher)
+    engine = RouterEngine(GrokModel(dense, experts), limits or EngineLimits(), router_metrics)
+    return Router(engine, tokenizer, wire.model_id(config), dispatcher, router_metrics)

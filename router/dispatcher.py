@@ -22,6 +22,7 @@ import torch
 from grokserve.cluster.placement import PlacementPlan
 from grokserve.model.config import GrokConfig
 from grokserve.router.loop_thread import LoopThread
+from grokserve.router.metrics import RouterMetrics
 from grokserve.v1 import expert_pb2_grpc as pb_grpc
 from grokserve.workers import wire
 from grokserve.workers.server import message_limit
@@ -154,7 +155,7 @@ class Dispatcher:
 
     def __init__(self, config: GrokConfig, plan: PlacementPlan, endpoints: dict[str, list[str]],
                  dtype: torch.dtype, deadline_s: float = 10.0, transport: Transport = "stream",
-                 down_backoff_s: float = 1.0):
+                 down_backoff_s: float = 1.0, metrics: RouterMetrics | None = None):
         self.config = config
         self.plan = plan.check(config)
         self.dtype = dtype
@@ -170,6 +171,7 @@ class Dispatcher:
         self._call_ids = itertools.count(1)
         self._io = LoopThread("dispatch-io")
         self.stats = DispatchStats()
+        self.metrics = metrics
         for shard in plan.shards:
             self.set_endpoints(shard.name, endpoints.get(shard.name, []))
 
@@ -182,6 +184,8 @@ class Dispatcher:
     async def _set_endpoints(self, shard: str, addresses: list[str]) -> None:
         old = {r.address: r for r in self.replicas.get(shard, [])}
         self.replicas[shard] = [old.pop(a) if a in old else _Replica(a, self.limit) for a in addresses]
+        if self.metrics is not None:
+            self.metrics.shard_replicas.labels(shard).set(len(addresses))
         self._rr.setdefault(shard, itertools.count())
         for gone in old.values():
             await gone.close()
@@ -235,7 +239,10 @@ class Dispatcher:
             request = wire.encode_request_bytes(call_id, layer, hidden if all_rows else hidden[rows], ids,
                                                 gates if all_rows else gates[rows])
             jobs.append((self.plan.shards[shard_index].name, rows, call_id, request))
+        started = time.perf_counter()
         responses = await self._exchange(layer, jobs, time.monotonic() + self.deadline_s)
+        if self.metrics is not None:
+            self.metrics.dispatch_layer.labels(str(layer)).observe(time.perf_counter() - started)
         self.stats.last_compute_seconds = 0.0
         for (shard, rows, _, _), response in zip(jobs, responses, strict=True):
             self.stats.calls += 1
@@ -259,23 +266,34 @@ class Dispatcher:
 
     async def _call_shard(self, layer: int, shard: str, call_id: int, request: bytes, deadline: float
                           ) -> wire.ResponseView:
+        m = self.metrics
+        started = time.perf_counter()
         replica = self._pick(shard, exclude=None)
         try:
-            return await self._call(replica, call_id, request, deadline)
+            response = await self._call(replica, call_id, request, deadline)
         except _CallFailed as first:
             if first.code not in _RETRYABLE:
                 raise DispatchError(f"shard '{shard}' ({replica.address if replica else '-'}) refused layer "
                                     f"{layer}: {first}") from None
             self._mark_down(replica)
             self.stats.retries += 1
+            if m is not None:
+                m.retries.labels(shard).inc()
             retry = self._pick(shard, exclude=replica)
             try:
-                return await self._call(retry, call_id, request, deadline)
+                response = await self._call(retry, call_id, request, deadline)
             except _CallFailed as second:
                 self._mark_down(retry)
                 self.stats.failures += 1
+                if m is not None:
+                    m.failures.labels(shard).inc()
                 detail = f"{first}" if retry is None else f"{first}; retry on {retry.address}: {second}"
                 raise ShardUnavailable(shard, layer, detail) from None
+        if m is not None:
+            m.dispatch_shard.labels(shard).observe(time.perf_counter() - started)
+            m.bytes_sent.labels(shard).inc(len(request))
+            m.bytes_received.labels(shard).inc(response.partial.nbytes)
+        return response
 
     async def _call(self, replica: _Replica | None, call_id: int, request: bytes, deadline: float
                     ) -> wire.ResponseView:

@@ -21,6 +21,7 @@ from grokserve.model.sampling import finish_reason, sample
 from grokserve.router.dispatcher import ShardUnavailable
 from grokserve.router.kv_blocks import BlockAllocator, PagedKVCache, kv_bytes_per_token
 from grokserve.router.loop_thread import LoopThread
+from grokserve.router.metrics import RouterMetrics
 from grokserve.router.scheduler import QueueFull, ScheduledChunk, Scheduler
 from grokserve.router.sequence import Sequence, StepOutput
 
@@ -38,8 +39,12 @@ class EngineLimits:
 
 
 class RouterEngine:
-    def __init__(self, model: GrokModel, limits: EngineLimits = EngineLimits()):
+    def __init__(self, model: GrokModel, limits: EngineLimits = EngineLimits(), metrics: RouterMetrics | None = None):
         self.model = model
+        self.metrics = metrics
+        if metrics is not None:
+            model.route_observer = lambda layer, ids: metrics.routing.observe(layer, ids, self.config.n_experts)
+            metrics.queue_capacity.set(limits.max_queue)
         self.config = model.config
         self.limits = limits
         dtype = model.dense.dtype
@@ -57,6 +62,7 @@ class RouterEngine:
         self._stopping = False
         self.steps = 0
         self.step_tokens: list[int] = []
+        self._preemptions_seen = 0
         self._task = self.io.run(self._start())
 
     async def _start(self) -> asyncio.Task:
@@ -73,6 +79,8 @@ class RouterEngine:
         """Queue a sequence; raises QueueFull at the bound."""
         with self._lock:
             self.scheduler.add(seq)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
         self.io.loop.call_soon_threadsafe(self._wake.set)
 
     def cancel(self, seq: Sequence) -> None:
@@ -101,6 +109,7 @@ class RouterEngine:
             with self._lock:
                 self._drop_cancelled()
                 plan = self.scheduler.schedule()
+                self._update_gauges()
             if not plan:
                 self._wake.clear()
                 await self._wake.wait()
@@ -112,6 +121,8 @@ class RouterEngine:
             except Exception as exc:  # a bug must not kill the engine: fail this step's requests, go on
                 log.exception("engine step failed")
                 self._fail(plan, "INTERNAL", f"engine step failed: {type(exc).__name__}: {exc}")
+            with self._lock:
+                self._update_gauges()
             await asyncio.sleep(0)  # let cancellations and submissions in
         with self._lock:
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
@@ -133,6 +144,12 @@ class RouterEngine:
         seq.finished = True
         self.scheduler.remove(seq)
         now = time.monotonic()
+        m = self.metrics
+        if m is not None:
+            m.requests.labels(output.finish_reason or "error").inc()
+            m.e2e.observe(now - seq.arrival)
+            if seq.first_scheduled is not None:
+                m.queue_time.observe(seq.first_scheduled - seq.arrival)
         output.prompt_tokens = len(seq.prompt_ids)
         output.completion_tokens = len(seq.output_ids)
         for key, value in seq.timings(now).items():
@@ -159,6 +176,7 @@ class RouterEngine:
                                                 self.cache, torch.arange(rows, device=device))
         self.steps += 1
         self.step_tokens.append(int(query_valid.sum()))
+        self._record_step(self.step_tokens[-1])
         if len(self.step_tokens) > 1024:
             del self.step_tokens[:512]
         sampling = [(b, chunk) for b, chunk in enumerate(plan) if chunk.samples]
@@ -172,14 +190,41 @@ class RouterEngine:
             for i, (_, chunk) in enumerate(sampling):
                 self._advance(chunk.seq, logits[i])
 
+    def _record_step(self, tokens: int) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.routing.end_step()
+        m.step_tokens.observe(tokens)
+
+    def _update_gauges(self) -> None:
+        """Batch and KV gauges, after a step's sequences have advanced or finished. Caller holds the lock."""
+        m = self.metrics
+        if m is None:
+            return
+        m.running.set(len(self.scheduler.running))
+        m.waiting.set(len(self.scheduler.waiting))
+        m.kv_usage.set(self.allocator.usage())
+        if self.scheduler.preemptions > self._preemptions_seen:
+            m.preemptions.inc(self.scheduler.preemptions - self._preemptions_seen)
+            self._preemptions_seen = self.scheduler.preemptions
+
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample one token for `seq`, stream it, and finish the sequence when a stop condition holds."""
         if seq.finished or seq.cancelled:
             return
         token = sample(logits, seq.params, seq.generator)
         seq.output_ids.append(token.token_id)
+        now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc()
+            if seq.first_token is None:
+                self.metrics.ttft.observe(now - seq.arrival)
+            elif seq.last_token is not None:
+                self.metrics.itl.observe(now - seq.last_token)
         if seq.first_token is None:
-            seq.first_token = time.monotonic()
+            seq.first_token = now
+        seq.last_token = now
         text = seq.text.push(token.token_id)
         reason = finish_reason(token.token_id, seq.params, seq.text.stopped, len(seq.output_ids), seq.num_tokens,
                                self.config.eos_id, self.config.max_seq_len)

@@ -12,6 +12,7 @@ from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
 from grokserve.router.assembly import build_router, discover_plan
 from grokserve.router.engine import EngineLimits
 from grokserve.router.service import GenerationService, start_router_server
+from grokserve.workers.metrics import serve_metrics
 
 
 async def run_router(args) -> None:
@@ -22,12 +23,16 @@ async def run_router(args) -> None:
     limits = EngineLimits(max_queue=args.max_queue, max_running=args.max_running,
                           max_step_tokens=args.max_step_tokens, kv_cache_bytes=args.kv_cache_mb << 20,
                           max_tokens_limit=args.max_tokens_limit)
-    router = build_router(args.checkpoint, args.dtype, args.device, plan, endpoints, limits, args.transport)
+    router = build_router(args.checkpoint, args.dtype, args.device, plan, endpoints, limits, args.transport,
+                          metrics=args.metrics_port is not None)
+    metrics = ""
+    if router.metrics is not None:
+        metrics = f", metrics :{serve_metrics(router.metrics.registry, args.host, args.metrics_port)}"
     shards = {name: ",".join(addrs) for name, addrs in (endpoints or {}).items()}
     service = GenerationService(router.engine, router.tokenizer, router.model_id, shards)
     server, port = await start_router_server(service, args.host, args.port)
     placement = f"{len(shards)} expert shards" if shards else "experts in process"
-    print(f"grokserve router SERVING on {args.host}:{port} ({router.model_id}, {placement})", flush=True)
+    print(f"grokserve router SERVING on {args.host}:{port} ({router.model_id}, {placement}{metrics})", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

@@ -43,6 +43,7 @@ class Scheduler:
         self.max_step_tokens = max_step_tokens
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
 
     # ---- admission -----------------------------------------------------------------------------
 
@@ -69,6 +70,7 @@ class Scheduler:
         self._free(seq)
         seq.num_computed = 0
         seq.preemptions += 1
+        self.preemptions += 1
         self.waiting.appendleft(seq)
 
     def _grow(self, seq: Sequence, tokens: int) -> bool:

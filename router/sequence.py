@@ -42,6 +42,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     first_scheduled: float | None = None
     first_token: float | None = None
+    last_token: float | None = None
     cancelled: bool = False
     finished: bool = False
     preemptions: int = 0

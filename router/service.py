@@ -55,23 +55,37 @@ class GenerationService(gen_grpc.GenerationServicer):
         self.engine.submit(seq)  # QueueFull → RESOURCE_EXHAUSTED
         return seq, outputs
 
+    def _count(self, code: grpc.StatusCode) -> None:
+        if self.engine.metrics is not None:
+            self.engine.metrics.request_status.labels(code.name).inc()
+
+    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str):
+        self._count(code)
+        await context.abort(code, message)
+
     async def _outputs(self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext):
         """Yield (seq, StepOutput) until the last one; map every failure to a status code."""
         try:
             seq, outputs = self._admit(request)
         except RequestError as exc:
-            await context.abort(exc.code, str(exc))
+            await self._abort(context, exc.code, str(exc))
         except QueueFull as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
             while True:
                 out = await outputs.get()
                 if out.error is not None:
                     code, message = out.error
-                    await context.abort(getattr(grpc.StatusCode, code), message)
+                    await self._abort(context, getattr(grpc.StatusCode, code), message)
                 yield seq, out
                 if out.finish_reason is not None:
+                    self._count(grpc.StatusCode.OK)
                     return
+        except asyncio.CancelledError:  # the client went away or its deadline passed
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            self._count(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+            raise
         finally:
             if not seq.finished:  # deadline, client cancel, or the stream consumer went away
                 self.engine.cancel(seq)

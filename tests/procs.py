@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+from grokserve.model.checkpoint import read_checkpoint
+from grokserve.router.assembly import build_router, discover_plan
+from grokserve.router.engine import EngineLimits
+from grokserve.router.loop_thread import LoopThread
+from grokserve.router.service import GenerationService, start_router_server
+from grokserve.workers.metrics import serve_metrics
 
 
 class WorkerProc:
@@ -28,6 +36,7 @@ class WorkerProc:
                 line = lines.get(timeout=timeout)
                 if "SERVING on" in line:
                     self.address = line.split("SERVING on ")[1].split()[0]
+                    self.serving_line = line
                     return self
         except queue.Empty:
             pass
@@ -38,3 +47,41 @@ class WorkerProc:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+class RouterHarness:
+    """A router (service + engine) running in this process on its own event loop thread."""
+
+    def __init__(self, checkpoint, workers: list[str] | None = None, limits: EngineLimits | None = None,
+                 metrics: bool = False):
+        self.thread = LoopThread("test-router")
+        plan = endpoints = None
+        if workers:
+            config = read_checkpoint(checkpoint, "grokserve").config
+            plan, endpoints = discover_plan(workers, config)
+        self.router = build_router(checkpoint, plan=plan, endpoints=endpoints,
+                                   limits=limits or EngineLimits(kv_cache_bytes=4 << 20), dispatch_deadline_s=3.0,
+                                   metrics=metrics)
+        self.metrics_port = (serve_metrics(self.router.metrics.registry, "127.0.0.1", 0)
+                             if self.router.metrics is not None else None)
+        service = GenerationService(self.router.engine, self.router.tokenizer, self.router.model_id)
+        self.server, self.port = self.thread.run(start_router_server(service, "127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.port}"
+
+    @property
+    def engine(self):
+        return self.router.engine
+
+    def idle(self, timeout: float = 5.0) -> dict:
+        """Wait until nothing runs or waits; return the engine's load."""
+        deadline = time.monotonic() + timeout
+        while True:
+            load = self.engine.load()
+            if (load["running"] == 0 and load["waiting"] == 0) or time.monotonic() > deadline:
+                return load
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.thread.run(self.server.stop(grace=1))
+        self.router.shutdown()
+        self.thread.stop()

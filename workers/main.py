@@ -17,7 +17,8 @@ def settings_from_args(args) -> WorkerSettings:
     layers = parse_layers(args.layers, config.n_layers)
     experts = parse_layers(args.experts, config.n_experts)
     return WorkerSettings(checkpoint=args.checkpoint, shard={layer: experts for layer in layers}, dtype=args.dtype,
-                          device=args.device, max_rows=args.max_rows, host=args.host, port=args.port)
+                          device=args.device, max_rows=args.max_rows, host=args.host, port=args.port,
+                          metrics_port=args.metrics_port, shard_name=args.shard_name)
 
 
 async def run_worker(settings: WorkerSettings) -> None:
@@ -29,8 +30,9 @@ async def run_worker(settings: WorkerSettings) -> None:
     print(f"grokserve worker listening on {worker.address} (loading weights)", flush=True)
     await worker.start()
     shard = ", ".join(f"L{layer}:{list(e)}" for layer, e in list(settings.shard.items())[:4])
-    print(f"grokserve worker SERVING on {worker.address} shard {shard}{' …' if len(settings.shard) > 4 else ''}",
-          flush=True)
+    metrics = f" metrics :{worker.metrics_port}" if worker.metrics_port else ""
+    print(f"grokserve worker SERVING on {worker.address} shard {shard}{' …' if len(settings.shard) > 4 else ''}"
+          f"{metrics}", flush=True)
     await stop.wait()
     print("grokserve worker draining", flush=True)
     await worker.stop()

@@ -23,6 +23,7 @@ from grokserve.model.engine import torch_dtype
 from grokserve.model.experts import ExpertModule
 from grokserve.v1 import expert_pb2 as pb
 from grokserve.workers import wire
+from grokserve.workers.metrics import WorkerMetrics, serve_metrics
 
 log = logging.getLogger("grokserve.worker")
 SERVICE_NAME = "grokserve.v1.ExpertService"
@@ -41,6 +42,9 @@ class WorkerSettings:
     # Requests up to this many hidden elements (N·D) are computed on the event loop itself: a thread hop
     # costs more than their compute. Larger ones go to the compute thread so the loop keeps doing I/O.
     inline_elements: int = 1 << 16
+    metrics_port: int | None = None  # None: no /metrics; 0: any free port
+    metrics_port_span: int = 1
+    shard_name: str = "standalone"
     extra_options: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -70,8 +74,9 @@ class WeightsNotLoaded(RuntimeError):
 class ExpertServicer:
     """Registered before the server starts; answers UNAVAILABLE until `attach` gives it the weights."""
 
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, metrics: WorkerMetrics | None = None):
         self.settings = settings
+        self.metrics = metrics
         self.experts: ExpertModule | None = None
         self.limits: wire.ShardLimits | None = None
         # One compute thread: torch parallelises inside a matmul; the event loop stays free for I/O.
@@ -84,6 +89,9 @@ class ExpertServicer:
             hidden_size=config.d_model, n_layers=config.n_layers, n_experts=config.n_experts,
             dtype=experts.dtype, max_rows=self.settings.max_rows, held=experts.shard)
         self.experts = experts
+        if self.metrics is not None:
+            self.metrics.weights.labels(self.metrics.shard).set(experts.resident_bytes())
+            self.metrics.ready.labels(self.metrics.shard).set(1)
 
     def _compute(self, req: wire.DecodedRequest) -> tuple[torch.Tensor, float]:
         assert self.experts is not None
@@ -98,8 +106,16 @@ class ExpertServicer:
         """A serialized ForwardResponse (hand-encoded: one copy of the partial sums)."""
         if self.limits is None:
             raise WeightsNotLoaded("expert weights are still loading")
-        decoded = wire.decode_request(request, self.limits)  # raises WireError
+        m = self.metrics
+        try:
+            decoded = wire.decode_request(request, self.limits)
+        except wire.WireError as exc:
+            if m is not None:
+                m.rejected.labels(m.shard, exc.field).inc()
+            raise
         self.in_flight += 1
+        if m is not None:
+            m.in_flight.labels(m.shard).inc()
         try:
             if decoded.hidden.numel() <= self.settings.inline_elements:
                 partial, seconds = self._compute(decoded)
@@ -108,6 +124,13 @@ class ExpertServicer:
                                                                                     decoded)
         finally:
             self.in_flight -= 1
+            if m is not None:
+                m.in_flight.labels(m.shard).dec()
+        if m is not None:
+            m.compute.labels(m.shard).observe(seconds)
+            ids = decoded.expert_ids[decoded.expert_ids >= 0]
+            for expert, count in zip(*torch.unique(ids, return_counts=True), strict=True):
+                m.tokens.labels(m.shard, str(decoded.layer), str(int(expert))).inc(int(count))
         return wire.encode_response_bytes(request.call_id, request.dtype, partial, seconds)
 
     async def Forward(self, request, context):
@@ -178,7 +201,9 @@ class WorkerProcess:
             *settings.extra_options])
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.servicer = ExpertServicer(settings)
+        self.metrics = WorkerMetrics(settings.shard_name) if settings.metrics_port is not None else None
+        self.metrics_port: int | None = None
+        self.servicer = ExpertServicer(settings, self.metrics)
         add_expert_service(self.servicer, self.server)
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
         if self.port == 0:
@@ -189,6 +214,9 @@ class WorkerProcess:
         return f"{self.settings.host}:{self.port}"
 
     async def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics_port = serve_metrics(self.metrics.registry, self.settings.host, self.settings.metrics_port,
+                                              self.settings.metrics_port_span)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
@@ -203,5 +231,7 @@ class WorkerProcess:
         return ExpertModule(self.ckpt.config, s.shard, torch_dtype(s.dtype), params, s.device)
 
     async def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.ready.labels(self.metrics.shard).set(0)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=self.settings.drain_seconds)

@@ -10,51 +10,15 @@ import time
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from procs import RouterHarness
 
 from grokserve.client import AsyncClient, Client
 from grokserve.cluster.placement import auto_plan
 from grokserve.model.checkpoint import read_checkpoint
 from grokserve.model.engine import ReferenceEngine
 from grokserve.model.sampling import SamplingParams
-from grokserve.router.assembly import build_router, discover_plan
 from grokserve.router.engine import EngineLimits
-from grokserve.router.loop_thread import LoopThread
-from grokserve.router.service import GenerationService, start_router_server
 from grokserve.v1 import generation_pb2 as gen_pb
-
-
-class RouterHarness:
-    """A router (service + engine) running in this process on its own event loop thread."""
-
-    def __init__(self, checkpoint, workers: list[str] | None = None, limits: EngineLimits | None = None):
-        self.thread = LoopThread("test-router")
-        plan = endpoints = None
-        if workers:
-            config = read_checkpoint(checkpoint, "grokserve").config
-            plan, endpoints = discover_plan(workers, config)
-        self.router = build_router(checkpoint, plan=plan, endpoints=endpoints,
-                                   limits=limits or EngineLimits(kv_cache_bytes=4 << 20), dispatch_deadline_s=3.0)
-        service = GenerationService(self.router.engine, self.router.tokenizer, self.router.model_id)
-        self.server, self.port = self.thread.run(start_router_server(service, "127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.port}"
-
-    @property
-    def engine(self):
-        return self.router.engine
-
-    def idle(self, timeout: float = 5.0) -> dict:
-        """Wait until nothing runs or waits; return the engine's load."""
-        deadline = time.monotonic() + timeout
-        while True:
-            load = self.engine.load()
-            if (load["running"] == 0 and load["waiting"] == 0) or time.monotonic() > deadline:
-                return load
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.thread.run(self.server.stop(grace=1))
-        self.router.shutdown()
-        self.thread.stop()
 
 
 @pytest.fixture(scope="module")
