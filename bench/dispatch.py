@@ -15,7 +15,6 @@ import asyncio
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,9 @@ from grokserve.router.loop_thread import LoopThread
 from grokserve.workers import wire
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from load import start_process  # noqa: E402
+
 LIMIT = 256 * 1024 * 1024
 
 
@@ -41,14 +43,6 @@ def bench_config(d_model: int) -> GrokConfig:
     return GrokConfig(name=f"dispatch-bench-d{d_model}", vocab_size=256, d_model=d_model, n_layers=1, n_q_heads=4,
                       n_kv_heads=4, head_dim=8, widening_factor=12 / d_model, n_experts=8, n_experts_per_token=2,
                       max_seq_len=64)
-
-
-def start(args: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if "SERVING on" in line:
-            return proc, line.split("SERVING on ")[1].split()[0]
-    raise RuntimeError(f"failed to start {args}")
 
 
 class EchoClient:
@@ -148,13 +142,14 @@ def run(args) -> list[dict]:
             procs, endpoints, echo_addrs = [], {}, []
             try:
                 for shard in plan.shards:
-                    proc, addr = start([sys.executable, "-m", "grokserve.cluster.cli", "worker", "--checkpoint", tmp,
-                                        "--experts", ",".join(map(str, shard.experts)), "--dtype", "bfloat16",
-                                        "--threads", "1", "--max-rows", "4096"])
+                    proc, addr = start_process([
+                        sys.executable, "-m", "grokserve.cluster.cli", "worker", "--checkpoint", tmp, "--experts",
+                        ",".join(map(str, shard.experts)), "--dtype", "bfloat16", "--threads", "1",
+                        "--max-rows", "4096"])
                     procs.append(proc)
                     endpoints[shard.name] = [addr]
                 for _ in plan.shards:
-                    proc, addr = start([sys.executable, str(HERE / "echo_server.py"), "0"])
+                    proc, addr = start_process([sys.executable, str(HERE / "echo_server.py"), "0"])
                     procs.append(proc)
                     echo_addrs.append(addr)
                 for transport in ("unary", "stream"):

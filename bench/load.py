@@ -141,6 +141,18 @@ def sweep(name: str, address: str, args) -> list[dict]:
     return results
 
 
+def sweep_system(name: str, kind: str, metrics: bool, args) -> list[dict]:
+    """Start a system, sweep it, stop it."""
+    procs, address = start_system(kind, Path(args.checkpoint), args.router_threads, metrics)
+    try:
+        return sweep(name, address, args)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
 
@@ -188,14 +200,7 @@ def main() -> None:
         results += sweep("router", args.address, args)
     if args.compare:
         for name in ("distributed", "local"):
-            procs, address = start_system(name, Path(args.checkpoint), args.router_threads)
-            try:
-                results += sweep(name, address, args)
-            finally:
-                for proc in procs:
-                    proc.terminate()
-                for proc in procs:
-                    proc.wait(timeout=30)
+            results += sweep_system(name, name, False, args)
         by = {(r["system"], r["concurrency"]): r["output_tokens_per_s"] for r in results}
         for c in args.concurrency:
             ratio = by[("distributed", c)] / by[("local", c)]
@@ -203,14 +208,7 @@ def main() -> None:
     if args.metrics_overhead:
         for _ in range(args.rounds):  # alternate so slow drifts of the machine hit both equally
             for name, metrics in (("metrics-off", False), ("metrics-on", True)):
-                procs, address = start_system("distributed", Path(args.checkpoint), args.router_threads, metrics)
-                try:
-                    results += sweep(name, address, args)
-                finally:
-                    for proc in procs:
-                        proc.terminate()
-                    for proc in procs:
-                        proc.wait(timeout=30)
+                results += sweep_system(name, "distributed", metrics, args)
         for c in args.concurrency:
             on = statistics.mean(r["output_tokens_per_s"] for r in results
                                  if r["system"] == "metrics-on" and r["concurrency"] == c)

@@ -48,6 +48,14 @@ def tiny_engine(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def prompts(vectors) -> list[list[int]]:
+    """The three prompts (1, 7 and 33 tokens) of the official greedy vectors."""
+    import json
+
+    return json.loads((vectors / "greedy.json").read_text())["prompts"]
+
+
+@pytest.fixture(scope="session")
 def official_tokenizer():
     from grokserve.model.tokenizer import Tokenizer
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -52,11 +51,6 @@ def app(ray_cluster, tiny_grokserve_ckpt):
 @pytest.fixture(scope="module")
 def reference(tiny_grokserve_ckpt):
     return ReferenceEngine.from_checkpoint(tiny_grokserve_ckpt, "grokserve")
-
-
-@pytest.fixture(scope="module")
-def prompts(vectors):
-    return json.loads((vectors / "greedy.json").read_text())["prompts"]
 
 
 def _shards() -> dict:

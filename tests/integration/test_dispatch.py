@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import grpc
@@ -30,11 +29,6 @@ def loaded(tiny_grokserve_ckpt):
 @pytest.fixture(scope="module")
 def reference(loaded):
     return ReferenceEngine.from_loaded(loaded, "float32")
-
-
-@pytest.fixture(scope="module")
-def prompts(vectors):
-    return json.loads((vectors / "greedy.json").read_text())["prompts"]
 
 
 def _layers_arg(shard: Shard) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 
@@ -24,11 +23,6 @@ from grokserve.v1 import generation_pb2 as gen_pb
 @pytest.fixture(scope="module")
 def reference(tiny_grokserve_ckpt):
     return ReferenceEngine.from_checkpoint(tiny_grokserve_ckpt, "grokserve")
-
-
-@pytest.fixture(scope="module")
-def prompts(vectors):
-    return json.loads((vectors / "greedy.json").read_text())["prompts"]
 
 
 @pytest.fixture(scope="module")
