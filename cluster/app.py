@@ -20,6 +20,7 @@ from ray import serve
 from grokserve.cluster.registry import get_registry
 from grokserve.cluster.spec import METRICS_PORT_SPAN, ClusterSpec, parse_spec
 from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
+from grokserve.model.config import GrokConfig
 from grokserve.router.loop_thread import LoopThread
 from grokserve.workers.metrics import serve_metrics
 
@@ -166,9 +167,10 @@ class RouterReplica:
             self.router.shutdown()
 
 
-def build_app(spec: ClusterSpec):
-    """ClusterSpec → a Serve Application (router ingress bound to every expert shard deployment)."""
-    config = GrokserveCheckpoint(spec.model.checkpoint_path()).config
+def build_app(spec: ClusterSpec, config: GrokConfig | None = None):
+    """ClusterSpec → a Serve Application (router ingress bound to every expert shard deployment).
+    `config` defaults to the checkpoint's own (read from disk)."""
+    config = config or GrokserveCheckpoint(spec.model.checkpoint_path()).config
     plan = spec.placement(config)
     spec_json = spec.model_dump_json()
     experts = [

@@ -9,3 +9,4 @@ if [ -z "${GROKSERVE_KEEP_TORCH:-}" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 .venv/bin/python -m pip install -q -e ".[test]"
+PYTHON=.venv/bin/python bash scripts/get_helm.sh   # the chart tests render with a real Helm engine
