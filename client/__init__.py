@@ -36,27 +36,37 @@ def build_request(prompt: str | list[int], *, max_tokens: int | None = None, tem
     return req
 
 
-class Client:
-    """Blocking client. Every call takes a deadline (`timeout`, seconds)."""
+def _auth(token: str | None) -> list[tuple[str, str]] | None:
+    return [("authorization", f"Bearer {token}")] if token else None
 
-    def __init__(self, address: str, timeout: float = 60.0, credentials: grpc.ChannelCredentials | None = None):
+
+class Client:
+    """Blocking client. Every call takes a deadline (`timeout`, seconds); `credentials` for TLS, `token`
+    for a router that requires bearer tokens."""
+
+    def __init__(self, address: str, timeout: float = 60.0, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None):
         self.timeout = timeout
+        self.metadata = _auth(token)
         self.channel = (grpc.secure_channel(address, credentials, options=_OPTIONS) if credentials
                         else grpc.insecure_channel(address, options=_OPTIONS))
         self.stub = gen_grpc.GenerationStub(self.channel)
 
     def generate(self, prompt: str | list[int], timeout: float | None = None, **kwargs) -> gen_pb.GenerateResponse:
-        return self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        return self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout,
+                                  metadata=self.metadata)
 
     def generate_stream(self, prompt: str | list[int], timeout: float | None = None, **kwargs
                         ) -> Iterator[gen_pb.GenerateResponse]:
-        yield from self.stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        yield from self.stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout or self.timeout,
+                                            metadata=self.metadata)
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self.stub.Tokenize(gen_pb.TokenizeRequest(text=text), timeout=self.timeout).token_ids)
+        return list(self.stub.Tokenize(gen_pb.TokenizeRequest(text=text), timeout=self.timeout,
+                                       metadata=self.metadata).token_ids)
 
     def model_info(self) -> gen_pb.ModelInfoResponse:
-        return self.stub.GetModelInfo(gen_pb.ModelInfoRequest(), timeout=self.timeout)
+        return self.stub.GetModelInfo(gen_pb.ModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
@@ -74,23 +84,27 @@ class Client:
 class AsyncClient:
     """asyncio client (grpc.aio)."""
 
-    def __init__(self, address: str, timeout: float = 60.0, credentials: grpc.ChannelCredentials | None = None):
+    def __init__(self, address: str, timeout: float = 60.0, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None):
         self.timeout = timeout
+        self.metadata = _auth(token)
         self.channel = (grpc.aio.secure_channel(address, credentials, options=_OPTIONS) if credentials
                         else grpc.aio.insecure_channel(address, options=_OPTIONS))
         self.stub = gen_grpc.GenerationStub(self.channel)
 
     async def generate(self, prompt: str | list[int], timeout: float | None = None, **kwargs
                        ) -> gen_pb.GenerateResponse:
-        return await self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        return await self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout,
+                                        metadata=self.metadata)
 
     async def generate_stream(self, prompt: str | list[int], timeout: float | None = None, **kwargs
                               ) -> AsyncIterator[gen_pb.GenerateResponse]:
-        async for chunk in self.stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout or self.timeout):
+        async for chunk in self.stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout or self.timeout,
+                                                    metadata=self.metadata):
             yield chunk
 
     async def model_info(self) -> gen_pb.ModelInfoResponse:
-        return await self.stub.GetModelInfo(gen_pb.ModelInfoRequest(), timeout=self.timeout)
+        return await self.stub.GetModelInfo(gen_pb.ModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
 
     async def close(self) -> None:
         await self.channel.close()

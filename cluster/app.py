@@ -62,7 +62,7 @@ class ExpertShardReplica:
                                   device=resolve_device(spec.model.device), max_rows=spec.experts.max_rows,
                                   host=ray.util.get_node_ip_address(), port=0,
                                   metrics_port=spec.experts.metrics_port, metrics_port_span=METRICS_PORT_SPAN,
-                                  shard_name=shard_name)
+                                  shard_name=shard_name, tls=spec.security.dispatch_tls())
         self.io = LoopThread(f"expert-{shard_name}")
 
         async def start():
@@ -101,6 +101,7 @@ class RouterReplica:
 
     def __init__(self, spec_json: str, *expert_deployments):
         from grokserve.router.assembly import build_router
+        from grokserve.router.auth import load_tokens
         from grokserve.router.engine import EngineLimits
         from grokserve.router.service import GenerationService, start_router_server
 
@@ -118,7 +119,8 @@ class RouterReplica:
         self.registry = get_registry()
         self.router = build_router(checkpoint, spec.model.dtype, resolve_device(spec.model.device), self.plan,
                                    self._endpoints(), limits, spec.router.transport, spec.router.dispatch_deadline_s,
-                                   metrics=spec.router.metrics_port is not None)
+                                   metrics=spec.router.metrics_port is not None,
+                                   dispatch_tls=spec.security.dispatch_tls())
         self.metrics_port = None
         if self.router.metrics is not None:
             self.metrics_port = serve_metrics(self.router.metrics.registry, ray.util.get_node_ip_address(),
@@ -126,7 +128,9 @@ class RouterReplica:
         service = GenerationService(self.router.engine, self.router.tokenizer, self.router.model_id)
         self.service = service
         self.io = LoopThread("router-grpc")
-        self.server, self.port = self.io.run(start_router_server(service, spec.router.host, spec.router.grpc_port))
+        tokens = load_tokens(spec.security.tokens_file) if spec.security.tokens_file else None
+        self.server, self.port = self.io.run(start_router_server(
+            service, spec.router.host, spec.router.grpc_port, spec.security.client_tls_files(), tokens))
         self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="registry-watch").start()
 
@@ -207,9 +211,10 @@ def wait_until_ready(spec: ClusterSpec, timeout: float, progress=None) -> dict:
             if progress:
                 progress(stats, missing)
             if not missing:
-                with Client(f"{spec.router.host}:{stats['port']}", timeout=10) as client:
-                    client.wait_ready(timeout=10)
-                    client.model_info()
+                if spec.security.client_tls is None and spec.security.tokens_file is None:
+                    with Client(f"{spec.router.host}:{stats['port']}", timeout=10) as client:
+                        client.wait_ready(timeout=10)
+                        client.model_info()
                 return stats
         except Exception as exc:  # not deployed yet
             last_error = str(exc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from grokserve.model.checkpoint import FORMATS, CheckpointError
 
@@ -67,7 +68,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   seed=args.seed, stop=args.stop or None)
     try:
-        with Client(args.address, timeout=args.timeout) as client:
+        credentials = None
+        if args.tls_ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
+        token = Path(args.token_file).read_text().strip() if args.token_file else None
+        with Client(args.address, timeout=args.timeout, credentials=credentials, token=token) as client:
             last = None
             for chunk in client.generate_stream(prompt, **kwargs):
                 print(chunk.text if chunk.text or not args.token_ids else " ".join(map(str, chunk.token_ids)),
@@ -203,6 +208,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
+def _dispatch_tls_args(p: argparse.ArgumentParser, cert_help: str) -> None:
+    p.add_argument("--dispatch-ca", help="mutual TLS on dispatch: the cluster CA (PEM)")
+    p.add_argument("--dispatch-cert", help=cert_help)
+    p.add_argument("--dispatch-key", help="its private key (PEM)")
+    p.add_argument("--dispatch-server-name", help="name routers expect in worker certificates (default: address)")
+
+
+def dispatch_tls(args: argparse.Namespace):
+    from grokserve.workers.tls import TlsFiles
+
+    given = [args.dispatch_ca, args.dispatch_cert, args.dispatch_key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("dispatch mTLS needs --dispatch-ca, --dispatch-cert and --dispatch-key together")
+    return TlsFiles(args.dispatch_cert, args.dispatch_key, args.dispatch_ca, args.dispatch_server_name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grokserve", description="Expert-parallel serving of Grok-1.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -243,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0 = any port)")
     p.add_argument("--shard-name", default="standalone", help="the shard label on this worker's metrics")
+    _dispatch_tls_args(p, "this worker's certificate (server side of dispatch mTLS)")
     p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser("router", help="run one router (the Generation gRPC service) standalone",
@@ -262,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0 = any port)")
+    p.add_argument("--tls-cert", help="serve the client API over TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    p.add_argument("--tokens-file", help="require `authorization: Bearer <token>`, tokens one per line")
+    _dispatch_tls_args(p, "the router's client certificate for dispatch mTLS")
     p.set_defaults(handler=cmd_router)
 
     p = sub.add_parser("generate", help="stream a completion from a running router to the terminal",
@@ -276,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    p.add_argument("--tls-ca", help="connect over TLS, trusting this CA (PEM)")
+    p.add_argument("--token-file", help="send the bearer token in this file")
     p.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
     p.set_defaults(handler=cmd_generate)
 

@@ -135,6 +135,35 @@ class ExpertsSpec(_Strict):
         return self
 
 
+class TlsSpec(_Strict):
+    cert_file: str
+    key_file: str
+
+
+class MutualTlsSpec(_Strict):
+    ca_file: str = Field(description="the cluster CA: workers accept only router certificates it signed")
+    cert_file: str
+    key_file: str
+    server_name: str = Field(default="grokserve-expert", description="name in every worker certificate")
+
+
+class SecuritySpec(_Strict):
+    client_tls: TlsSpec | None = Field(default=None, description="TLS on the client gRPC API")
+    tokens_file: str | None = Field(default=None, description="bearer tokens, one per line (a mounted Secret)")
+    dispatch_mtls: MutualTlsSpec | None = Field(default=None, description="mutual TLS between routers and workers")
+
+    def dispatch_tls(self):
+        from grokserve.workers.tls import TlsFiles
+
+        m = self.dispatch_mtls
+        return TlsFiles(m.cert_file, m.key_file, m.ca_file, m.server_name) if m else None
+
+    def client_tls_files(self):
+        from grokserve.workers.tls import TlsFiles
+
+        return TlsFiles(self.client_tls.cert_file, self.client_tls.key_file) if self.client_tls else None
+
+
 METRICS_PORT_SPAN = 6  # replicas of one role on one node take consecutive ports: base … base+5
 
 
@@ -143,6 +172,7 @@ class ClusterSpec(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     experts: ExpertsSpec = Field(default_factory=ExpertsSpec)
+    security: SecuritySpec = Field(default_factory=SecuritySpec)
 
     def placement(self, config: GrokConfig) -> PlacementPlan:
         e = self.experts

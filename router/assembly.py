@@ -24,18 +24,21 @@ from grokserve.router.metrics import RouterMetrics
 from grokserve.v1 import expert_pb2 as pb
 from grokserve.v1 import expert_pb2_grpc as pb_grpc
 from grokserve.workers import wire
+from grokserve.workers.tls import TlsFiles
 
 
 class PlacementMismatch(RuntimeError):
     pass
 
 
-def discover_plan(addresses: list[str], config: GrokConfig, timeout: float = 10.0
+def discover_plan(addresses: list[str], config: GrokConfig, timeout: float = 10.0, tls: TlsFiles | None = None
                   ) -> tuple[PlacementPlan, dict[str, list[str]]]:
     """Ask every worker which shard it holds; identical shards become replicas of one."""
     shards: dict[tuple, list[str]] = {}
     for address in addresses:
-        with grpc.insecure_channel(address) as channel:
+        channel = (grpc.secure_channel(address, tls.channel_credentials(), tls.channel_options()) if tls
+                   else grpc.insecure_channel(address))
+        with channel:
             try:
                 grpc.channel_ready_future(channel).result(timeout=timeout)
                 info = pb_grpc.ExpertServiceStub(channel).Info(pb.InfoRequest(), timeout=timeout)
@@ -74,7 +77,8 @@ class Router:
 def build_router(checkpoint: str | Path, dtype: str = "float32", device: str = "cpu",
                  plan: PlacementPlan | None = None, endpoints: dict[str, list[str]] | None = None,
                  limits: EngineLimits | None = None, transport: Transport = "stream",
-                 dispatch_deadline_s: float = 10.0, metrics: bool = False) -> Router:
+                 dispatch_deadline_s: float = 10.0, metrics: bool = False,
+                 dispatch_tls: TlsFiles | None = None) -> Router:
     """Load the dense half (and, without a plan, every expert) and start an engine; `metrics` collects
     Prometheus metrics into `Router.metrics` (exposed by the caller)."""
     ckpt = GrokserveCheckpoint(checkpoint)
@@ -88,7 +92,7 @@ def build_router(checkpoint: str | Path, dtype: str = "float32", device: str = "
                                ckpt.load(ckpt.expert_names(everything), progress="loading experts"), device)
     else:
         experts = dispatcher = Dispatcher(config, plan, endpoints or {}, dt, deadline_s=dispatch_deadline_s,
-                                          transport=transport, metrics=router_metrics)
+                                          transport=transport, metrics=router_metrics, tls=dispatch_tls)
     tokenizer = Tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
     engine = RouterEngine(GrokModel(dense, experts), limits or EngineLimits(), router_metrics)
     return Router(engine, tokenizer, wire.model_id(config), dispatcher, router_metrics)

@@ -26,6 +26,7 @@ from grokserve.router.metrics import RouterMetrics
 from grokserve.v1 import expert_pb2_grpc as pb_grpc
 from grokserve.workers import wire
 from grokserve.workers.server import message_limit
+from grokserve.workers.tls import TlsFiles
 
 log = logging.getLogger("grokserve.dispatcher")
 Transport = Literal["unary", "stream"]
@@ -110,11 +111,12 @@ class _Stream:
 class _Replica:
     """Channel, raw-bytes stubs and (lazily) a persistent stream to one worker. Lives on the I/O loop."""
 
-    def __init__(self, address: str, limit: int):
+    def __init__(self, address: str, limit: int, tls: TlsFiles | None = None):
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-            ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)])
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        self.channel = (grpc.aio.secure_channel(address, tls.channel_credentials(), options + tls.channel_options())
+                        if tls else grpc.aio.insecure_channel(address, options=options))
         # requests are pre-serialized bytes; answers parse zero-copy (wire.decode_response_bytes)
         self.forward = self.channel.unary_unary(
             "/grokserve.v1.ExpertService/Forward", request_serializer=_identity,
@@ -155,7 +157,7 @@ class Dispatcher:
 
     def __init__(self, config: GrokConfig, plan: PlacementPlan, endpoints: dict[str, list[str]],
                  dtype: torch.dtype, deadline_s: float = 10.0, transport: Transport = "stream",
-                 down_backoff_s: float = 1.0, metrics: RouterMetrics | None = None):
+                 down_backoff_s: float = 1.0, metrics: RouterMetrics | None = None, tls: TlsFiles | None = None):
         self.config = config
         self.plan = plan.check(config)
         self.dtype = dtype
@@ -172,6 +174,7 @@ class Dispatcher:
         self._io = LoopThread("dispatch-io")
         self.stats = DispatchStats()
         self.metrics = metrics
+        self.tls = tls
         for shard in plan.shards:
             self.set_endpoints(shard.name, endpoints.get(shard.name, []))
 
@@ -183,7 +186,7 @@ class Dispatcher:
 
     async def _set_endpoints(self, shard: str, addresses: list[str]) -> None:
         old = {r.address: r for r in self.replicas.get(shard, [])}
-        self.replicas[shard] = [old.pop(a) if a in old else _Replica(a, self.limit) for a in addresses]
+        self.replicas[shard] = [old.pop(a) if a in old else _Replica(a, self.limit, self.tls) for a in addresses]
         if self.metrics is not None:
             self.metrics.shard_replicas.labels(shard).set(len(addresses))
         self._rr.setdefault(shard, itertools.count())

@@ -18,12 +18,14 @@ from grpc_reflection.v1alpha import reflection
 from grokserve.model.sampling import make_generator
 from grokserve.model.text_stream import TextStream
 from grokserve.model.tokenizer import Tokenizer
+from grokserve.router.auth import BearerTokenInterceptor
 from grokserve.router.engine import RouterEngine
 from grokserve.router.scheduler import QueueFull
 from grokserve.router.sequence import Sequence, StepOutput
 from grokserve.router.validation import RequestError, max_prompt_chars, request_size_limit, validate_request
 from grokserve.v1 import generation_pb2 as gen_pb
 from grokserve.v1 import generation_pb2_grpc as gen_grpc
+from grokserve.workers.tls import TlsFiles
 
 log = logging.getLogger("grokserve.router")
 SERVICE_NAME = "grokserve.v1.Generation"
@@ -153,14 +155,19 @@ def server_options(service: GenerationService) -> list[tuple[str, int]]:
             ("grpc.max_connection_idle_ms", 600_000)]
 
 
-async def start_router_server(service: GenerationService, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=server_options(service))
+async def start_router_server(service: GenerationService, host: str, port: int, tls: TlsFiles | None = None,
+                              tokens: tuple[bytes, ...] | None = None) -> tuple[grpc.aio.Server, int]:
+    """The client API server: TLS when `tls` is given, bearer-token auth when `tokens` are (health and
+    reflection stay open for probes)."""
+    interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
+    server = grpc.aio.server(options=server_options(service), interceptors=interceptors)
     gen_grpc.add_GenerationServicer_to_server(service, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = (server.add_secure_port(f"{host}:{port}", tls.server_credentials()) if tls
+             else server.add_insecure_port(f"{host}:{port}"))
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     await server.start()

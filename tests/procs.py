@@ -53,19 +53,19 @@ class RouterHarness:
     """A router (service + engine) running in this process on its own event loop thread."""
 
     def __init__(self, checkpoint, workers: list[str] | None = None, limits: EngineLimits | None = None,
-                 metrics: bool = False):
+                 metrics: bool = False, tls=None, tokens=None, dispatch_tls=None):
         self.thread = LoopThread("test-router")
         plan = endpoints = None
         if workers:
             config = read_checkpoint(checkpoint, "grokserve").config
-            plan, endpoints = discover_plan(workers, config)
+            plan, endpoints = discover_plan(workers, config, tls=dispatch_tls)
         self.router = build_router(checkpoint, plan=plan, endpoints=endpoints,
                                    limits=limits or EngineLimits(kv_cache_bytes=4 << 20), dispatch_deadline_s=3.0,
-                                   metrics=metrics)
+                                   metrics=metrics, dispatch_tls=dispatch_tls)
         self.metrics_port = (serve_metrics(self.router.metrics.registry, "127.0.0.1", 0)
                              if self.router.metrics is not None else None)
         service = GenerationService(self.router.engine, self.router.tokenizer, self.router.model_id)
-        self.server, self.port = self.thread.run(start_router_server(service, "127.0.0.1", 0))
+        self.server, self.port = self.thread.run(start_router_server(service, "127.0.0.1", 0, tls, tokens))
         self.address = f"127.0.0.1:{self.port}"
 
     @property

@@ -8,6 +8,7 @@ import signal
 
 import torch
 
+from grokserve.cluster.cli import dispatch_tls
 from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
 from grokserve.workers.server import WorkerProcess, WorkerSettings, parse_layers
 
@@ -18,7 +19,7 @@ def settings_from_args(args) -> WorkerSettings:
     experts = parse_layers(args.experts, config.n_experts)
     return WorkerSettings(checkpoint=args.checkpoint, shard={layer: experts for layer in layers}, dtype=args.dtype,
                           device=args.device, max_rows=args.max_rows, host=args.host, port=args.port,
-                          metrics_port=args.metrics_port, shard_name=args.shard_name)
+                          metrics_port=args.metrics_port, shard_name=args.shard_name, tls=dispatch_tls(args))
 
 
 async def run_worker(settings: WorkerSettings) -> None:

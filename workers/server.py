@@ -24,6 +24,7 @@ from grokserve.model.experts import ExpertModule
 from grokserve.v1 import expert_pb2 as pb
 from grokserve.workers import wire
 from grokserve.workers.metrics import WorkerMetrics, serve_metrics
+from grokserve.workers.tls import TlsFiles
 
 log = logging.getLogger("grokserve.worker")
 SERVICE_NAME = "grokserve.v1.ExpertService"
@@ -45,6 +46,7 @@ class WorkerSettings:
     metrics_port: int | None = None  # None: no /metrics; 0: any free port
     metrics_port_span: int = 1
     shard_name: str = "standalone"
+    tls: TlsFiles | None = None  # with ca_file: mutual TLS, only routers with a certificate of that CA get in
     extra_options: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -205,7 +207,9 @@ class WorkerProcess:
         self.metrics_port: int | None = None
         self.servicer = ExpertServicer(settings, self.metrics)
         add_expert_service(self.servicer, self.server)
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        bind = f"{settings.host}:{settings.port}"
+        self.port = (self.server.add_secure_port(bind, settings.tls.server_credentials()) if settings.tls
+                     else self.server.add_insecure_port(bind))
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
 

@@ -236,3 +236,22 @@ def test_dockerfile_runs_as_non_root_on_a_cuda_runtime_image():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert "org.opencontainers.image.source" in dockerfile
     assert values["image"]["repository"].startswith("ghcr.io/grokserve/")
+
+
+def test_tls_values_wire_secrets_where_the_spec_reads_them():
+    docs = render("tls-values.yaml")
+    rayservice = rayservice_of(docs)
+    security = parse_spec(yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]).security
+    assert security.client_tls and security.tokens_file and security.dispatch_mtls
+    files = [security.client_tls.cert_file, security.client_tls.key_file, security.tokens_file,
+             security.dispatch_mtls.ca_file, security.dispatch_mtls.cert_file, security.dispatch_mtls.key_file]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
+    for pod in pods:
+        mounts = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        assert set(secrets.values()) == {"grok-api-tls", "grok-client-tokens", "grok-dispatch-mtls"}
+        for path in files:
+            assert any(path.startswith(m + "/") for m in mounts), path
+    test_pod = next(d for d in docs if d["kind"] == "Pod")
+    assert "ssl_channel_credentials" in test_pod["spec"]["containers"][0]["args"][0]

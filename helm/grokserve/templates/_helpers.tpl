@@ -59,6 +59,8 @@ experts:
     num_cpus: {{ .Values.experts.rayActorOptions.num_cpus }}
     num_gpus: {{ .Values.experts.rayActorOptions.num_gpus }}
     resources: {grokserve_expert: 1}
+{{- $security := include "grokserve.securitySpec" . | trim }}
+security: {{ if $security }}{{ $security | nindent 2 }}{{ else }}{}{{ end }}
 {{- end -}}
 
 {{- define "grokserve.volumes" -}}
@@ -75,6 +77,38 @@ experts:
   emptyDir: {}
 - name: dshm
   emptyDir: {medium: Memory}
+{{- include "grokserve.secretVolumes" . }}
+{{- end -}}
+
+{{- define "grokserve.secretVolumes" -}}
+{{- with .Values.security }}
+{{- if .clientTls.enabled }}
+- name: client-tls
+  secret: {secretName: {{ .clientTls.secretName }}, defaultMode: 0400}
+{{- end }}
+{{- if .tokens.enabled }}
+- name: tokens
+  secret: {secretName: {{ .tokens.secretName }}, defaultMode: 0400}
+{{- end }}
+{{- if .dispatchMtls.enabled }}
+- name: dispatch-mtls
+  secret: {secretName: {{ .dispatchMtls.secretName }}, defaultMode: 0400}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "grokserve.secretMounts" -}}
+{{- with .Values.security }}
+{{- if .clientTls.enabled }}
+- {name: client-tls, mountPath: /etc/grokserve/client-tls, readOnly: true}
+{{- end }}
+{{- if .tokens.enabled }}
+- {name: tokens, mountPath: /etc/grokserve/tokens, readOnly: true}
+{{- end }}
+{{- if .dispatchMtls.enabled }}
+- {name: dispatch-mtls, mountPath: /etc/grokserve/dispatch-mtls, readOnly: true}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "grokserve.volumeMounts" -}}
@@ -85,6 +119,7 @@ experts:
   mountPath: /tmp
 - name: dshm
   mountPath: /dev/shm
+{{- include "grokserve.secretMounts" . }}
 {{- end -}}
 
 {{/* A Ray pod template; args: dict root, role, resources, gpus, nodeSelector, tolerations, ports */}}
@@ -146,5 +181,24 @@ spec:
 - name: {{ printf "%s-m%d" $.prefix $i }}
   containerPort: {{ add $base $i }}
   protocol: TCP
+{{- end }}
+{{- end -}}
+
+
+{{- define "grokserve.securitySpec" -}}
+{{- with .Values.security }}
+{{- if .clientTls.enabled }}
+client_tls: {cert_file: /etc/grokserve/client-tls/tls.crt, key_file: /etc/grokserve/client-tls/tls.key}
+{{- end }}
+{{- if .tokens.enabled }}
+tokens_file: /etc/grokserve/tokens/{{ .tokens.key }}
+{{- end }}
+{{- if .dispatchMtls.enabled }}
+dispatch_mtls:
+  ca_file: /etc/grokserve/dispatch-mtls/ca.crt
+  cert_file: /etc/grokserve/dispatch-mtls/tls.crt
+  key_file: /etc/grokserve/dispatch-mtls/tls.key
+  server_name: {{ .dispatchMtls.serverName }}
+{{- end }}
 {{- end }}
 {{- end -}}
