@@ -99,7 +99,7 @@ def start_process(args: list[str]) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"failed to start: {' '.join(args)}")
 
 
-def start_system(kind: str, checkpoint: Path, threads: int, metrics: bool = False
+def start_system(kind: str, checkpoint: Path, threads: int, metrics: bool = False, overlap: bool = False
                  ) -> tuple[list[subprocess.Popen], str]:
     """(a) 'distributed': 2 expert workers + a router; (b) 'local': one router with experts in process.
     With `metrics`, every process collects and serves Prometheus metrics."""
@@ -113,7 +113,7 @@ def start_system(kind: str, checkpoint: Path, threads: int, metrics: bool = Fals
             procs.append(proc)
             workers.append(address)
     router_args = [*cli, "router", "--checkpoint", str(checkpoint), "--port", "0", "--threads", str(threads),
-                   *metrics_args]
+                   *metrics_args, *(["--micro-batch-overlap"] if overlap else [])]
     if workers:
         router_args += ["--workers", ",".join(workers)]
     proc, address = start_process(router_args)
@@ -141,9 +141,9 @@ def sweep(name: str, address: str, args) -> list[dict]:
     return results
 
 
-def sweep_system(name: str, kind: str, metrics: bool, args) -> list[dict]:
+def sweep_system(name: str, kind: str, metrics: bool, args, overlap: bool = False) -> list[dict]:
     """Start a system, sweep it, stop it."""
-    procs, address = start_system(kind, Path(args.checkpoint), args.router_threads, metrics)
+    procs, address = start_system(kind, Path(args.checkpoint), args.router_threads, metrics, overlap)
     try:
         return sweep(name, address, args)
     finally:
@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--metrics-overhead", action="store_true",
                         help="run router+2 workers with metrics off, then on (alternating, --rounds times)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--overlap", action="store_true",
+                        help="run router+2 workers with micro-batch overlap off, then on (alternating)")
     parser.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
     parser.add_argument("--concurrency", default="1,8,32", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level (≥ 2×c)")
@@ -215,6 +217,16 @@ def main() -> None:
             off = statistics.mean(r["output_tokens_per_s"] for r in results
                                   if r["system"] == "metrics-off" and r["concurrency"] == c)
             print(f"c={c}: metrics on / off throughput = {on / off:.3f} (overhead {100 * (1 - on / off):.1f} %)")
+    if args.overlap:
+        for _ in range(args.rounds):
+            for name, overlap in (("overlap-off", False), ("overlap-on", True)):
+                results += sweep_system(name, "distributed", False, args, overlap)
+        for c in args.concurrency:
+            on = statistics.mean(r["output_tokens_per_s"] for r in results
+                                 if r["system"] == "overlap-on" and r["concurrency"] == c)
+            off = statistics.mean(r["output_tokens_per_s"] for r in results
+                                  if r["system"] == "overlap-off" and r["concurrency"] == c)
+            print(f"c={c}: micro-batch overlap on / off throughput = {on / off:.3f}")
     summary = {"machine": platform.platform(), "python": platform.python_version(),
                "command": " ".join(sys.argv), "results": results}
     if args.json:
@@ -222,7 +234,7 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot)
     if not results:
-        parser.error("give --address, --compare or --metrics-overhead")
+        parser.error("give --address, --compare, --metrics-overhead or --overlap")
     print(json.dumps({"median_tokens_per_s": statistics.median(r["output_tokens_per_s"] for r in results)}))
 
 

@@ -115,7 +115,7 @@ class RouterReplica:
         lim = spec.router.limits
         limits = EngineLimits(max_queue=lim.max_queue, max_running=lim.max_running,
                               max_step_tokens=lim.max_step_tokens, kv_cache_bytes=lim.kv_cache_mb << 20,
-                              max_tokens_limit=lim.max_tokens_limit)
+                              max_tokens_limit=lim.max_tokens_limit, micro_batch_overlap=lim.micro_batch_overlap)
         self.registry = get_registry()
         self.router = build_router(checkpoint, spec.model.dtype, resolve_device(spec.model.device), self.plan,
                                    self._endpoints(), limits, spec.router.transport, spec.router.dispatch_deadline_s,

@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0 = any port)")
+    p.add_argument("--micro-batch-overlap", action="store_true",
+                   help="split each engine step in two halves whose dispatch and attention overlap")
     p.add_argument("--tls-cert", help="serve the client API over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="the certificate's private key (PEM)")
     p.add_argument("--tokens-file", help="require `authorization: Bearer <token>`, tokens one per line")

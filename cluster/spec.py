@@ -59,6 +59,7 @@ class Limits(_Strict):
     max_step_tokens: int = Field(default=512, ge=1)
     kv_cache_mb: int = Field(default=64, ge=1)
     max_tokens_limit: int = Field(default=4096, ge=1)
+    micro_batch_overlap: bool = False
 
 
 class RouterSpec(_Strict):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from grokserve.model import layers
 from grokserve.model.config import GrokConfig
-from grokserve.model.kv_cache import KVCache
+from grokserve.model.kv_cache import KVCache, StepKV
 from grokserve.model.weights import ATTN_MATRICES, NORMS, Param, embed_name, final_norm_name, layer_name, materialize
 
 
@@ -61,7 +61,7 @@ class DenseModel:
         return self.embed_act[tokens] * self.embedding_multiplier
 
     def attention_block(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+                        kv: StepKV) -> torch.Tensor:
         """h [B, T, D] → h + post_norm(attention(pre_norm(h)))."""
         c, w = self.config, self.layers[layer]
         batch, steps, _ = h.shape
@@ -70,8 +70,8 @@ class DenseModel:
         k = F.linear(x, w["wk"]).view(batch, steps, c.n_kv_heads, c.head_dim)  # [B, T, Hkv, d]
         v = F.linear(x, w["wv"]).view(batch, steps, c.n_kv_heads, c.head_dim)  # [B, T, Hkv, d]
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-        k_all, v_all = cache.update(layer, k, v)  # [B, S, Hkv, d]
-        a = layers.attention(q, k_all, v_all, mask, c.attn_logit_multiplier, c.attn_logit_cap)  # [B, T, Hq·d]
+        k_all, v_all = kv.update(layer, k, v)  # [B, S, Hkv, d]
+        a = layers.attention(q, k_all, v_all, kv.mask, c.attn_logit_multiplier, c.attn_logit_cap)  # [B, T, Hq·d]
         a = F.linear(a, w["wo"])  # [B, T, D]
         return h + layers.rms_norm(a, w["attn_post_norm"], c.rms_eps)
 
@@ -128,12 +128,12 @@ class GrokModel:
         """
         c, dense = self.config, self.dense
         key_valid = query_valid & (tokens != c.pad_id)
-        mask = cache.begin_step(cache_rows, positions, key_valid)  # [B, T, S]
+        kv = cache.begin_step(cache_rows, positions, key_valid)  # this call's mask and K/V writer
         cos, sin = layers.rope_cos_sin(positions, c.head_dim, c.rope_base)
         h = dense.embed_tokens(tokens)  # [B, T, D]
         flat_valid = query_valid.reshape(-1)
         for layer in range(c.n_layers):
-            h = dense.attention_block(layer, h, cos, sin, mask, cache)
+            h = dense.attention_block(layer, h, cos, sin, kv)
             h_rows = h.reshape(-1, c.d_model)[flat_valid]  # [N, D] real tokens only
             x, expert_ids, gates = dense.moe_input(layer, h_rows)
             if self.route_observer is not None:

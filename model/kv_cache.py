@@ -6,6 +6,8 @@ returns everything a query may see, with the mask that says which keys each quer
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -13,13 +15,21 @@ import torch
 from grokserve.model.config import GrokConfig
 
 
-class KVCache(Protocol):
-    def begin_step(self, rows: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        """Declare the step: cache rows [B], positions [B, T], key_valid bool [B, T] → attention mask [B, T, S]."""
-        ...
+@dataclass
+class StepKV:
+    """One forward call's view of a cache: the attention mask, and per layer a write-then-read of K/V.
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, T, Hkv, d] for this step; return all keys/values [B, S, Hkv, d] of those rows."""
+    Each call gets its own, so two halves of an engine step (micro-batch overlap) can run interleaved.
+    """
+
+    mask: torch.Tensor  # bool [B, T, S]: query t of row b may attend key s
+    update: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    # update(layer, k [B, T, Hkv, d], v) writes this call's keys and returns all keys/values [B, S, Hkv, d]
+
+
+class KVCache(Protocol):
+    def begin_step(self, rows: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> StepKV:
+        """Declare a forward call over cache rows [B] at positions [B, T]; key_valid bool [B, T]."""
         ...
 
 
@@ -36,23 +46,20 @@ class ContiguousKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
-        self._step: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
-    def begin_step(self, rows: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    def begin_step(self, rows: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> StepKV:
         if int(positions.max()) >= self.max_len or int(positions.min()) < 0:
             raise ValueError(f"positions must lie in [0, {self.max_len}); got up to {int(positions.max())}")
         row_index = rows[:, None].expand_as(positions)  # [B, T]
         self.key_valid[row_index, positions] = key_valid
         span = int(positions.max()) + 1  # keys beyond the furthest position are never visible
-        self._step = (row_index, positions, span)
         key_pos = torch.arange(span, device=positions.device)  # [S]
         visible = self.key_valid[rows, :span]  # [B, S]
-        return visible[:, None, :] & (key_pos[None, None, :] <= positions[:, :, None])  # [B, T, S]
+        mask = visible[:, None, :] & (key_pos[None, None, :] <= positions[:, :, None])  # [B, T, S]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self._step is not None, "begin_step must be called first"
-        row_index, positions, span = self._step
-        self.k[layer][row_index, positions] = k
-        self.v[layer][row_index, positions] = v
-        rows = row_index[:, 0]
-        return self.k[layer][rows, :span], self.v[layer][rows, :span]
+        def update(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.k[layer][row_index, positions] = k
+            self.v[layer][row_index, positions] = v
+            return self.k[layer][rows, :span], self.v[layer][rows, :span]
+
+        return StepKV(mask, update)

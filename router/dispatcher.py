@@ -63,6 +63,7 @@ class _Stream:
     def __init__(self, call):
         self.call = call
         self.waiting: dict[int, asyncio.Future] = {}
+        self.write_lock = asyncio.Lock()  # one write in flight per call (concurrent micro-batches share it)
         self.broken = False
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -88,7 +89,8 @@ class _Stream:
         future = asyncio.get_running_loop().create_future()
         self.waiting[call_id] = future
         try:
-            await asyncio.wait_for(self.call.write(request), timeout)
+            async with self.write_lock:
+                await asyncio.wait_for(self.call.write(request), timeout)
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             self.close()  # an unanswered stream is not trusted again

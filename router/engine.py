@@ -36,6 +36,7 @@ class EngineLimits:
     kv_cache_bytes: int = 64 << 20  # fixed KV memory budget
     block_size: int = 16  # tokens per KV block
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    micro_batch_overlap: bool = False  # split each step in two halves that overlap dispatch and attention
 
 
 class RouterEngine:
@@ -105,6 +106,8 @@ class RouterEngine:
     # ---- the loop ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        # No autograd on this thread (an inference_mode block cannot span the awaits of two interleaved halves).
+        torch.set_grad_enabled(False)
         while not self._stopping:
             with self._lock:
                 self._drop_cancelled()
@@ -158,37 +161,53 @@ class RouterEngine:
 
     async def _step(self, plan: list[ScheduledChunk]) -> None:
         rows = len(plan)
-        width = max(chunk.count for chunk in plan)
         max_blocks = max(len(chunk.seq.blocks) for chunk in plan)
-        sentinel = max_blocks * self.limits.block_size  # padding positions land in the null block
-        tokens = torch.zeros(rows, width, dtype=torch.int64)
-        positions = torch.full((rows, width), sentinel, dtype=torch.int64)
         tables = torch.zeros(rows, max_blocks, dtype=torch.int64)
         for b, chunk in enumerate(plan):
-            ids = chunk.seq.all_ids[chunk.start:chunk.start + chunk.count]
-            tokens[b, :chunk.count] = torch.tensor(ids)
-            positions[b, :chunk.count] = torch.arange(chunk.start, chunk.start + chunk.count)
             tables[b, :len(chunk.seq.blocks)] = torch.tensor(chunk.seq.blocks)
-        query_valid = positions < sentinel
-        device = self.model.dense.device
-        self.cache.tables = tables.to(device)
-        hidden = await self.model.forward_async(tokens.to(device), positions.to(device), query_valid.to(device),
-                                                self.cache, torch.arange(rows, device=device))
+        self.cache.tables = tables.to(self.model.dense.device)
+        sentinel = max_blocks * self.limits.block_size  # padding positions land in the null block
+        # Micro-batch overlap (two-batch ping-pong): while one half waits for its experts, the other half
+        # computes attention on this loop. Only worth it when experts are remote.
+        halves = [list(range(rows))]
+        if self.limits.micro_batch_overlap and rows >= 2 and self._own_loop is None:
+            halves = [list(range(rows // 2)), list(range(rows // 2, rows))]
+        outputs = await asyncio.gather(*(self._forward_rows(plan, idx, sentinel) for idx in halves))
         self.steps += 1
-        self.step_tokens.append(int(query_valid.sum()))
-        self._record_step(self.step_tokens[-1])
+        self.step_tokens.append(sum(tokens for _, tokens in outputs))
         if len(self.step_tokens) > 1024:
             del self.step_tokens[:512]
-        sampling = [(b, chunk) for b, chunk in enumerate(plan) if chunk.samples]
+        self._record_step(self.step_tokens[-1])
+        last_hidden = {}  # plan row → hidden of its last computed token
+        for idx, (hidden, _) in zip(halves, outputs, strict=True):
+            for i, b in enumerate(idx):
+                if plan[b].samples:
+                    last_hidden[b] = hidden[i, plan[b].count - 1]
         for chunk in plan:
             chunk.seq.num_computed = chunk.start + chunk.count
-        if not sampling:
+        if not last_hidden:
             return
-        last = torch.stack([hidden[b, chunk.count - 1] for b, chunk in sampling])  # [S, D]
-        logits = self.model.dense.head(last).cpu()  # [S, V]
+        order = sorted(last_hidden)
+        logits = self.model.dense.head(torch.stack([last_hidden[b] for b in order])).cpu()  # [S, V]
         with self._lock:
-            for i, (_, chunk) in enumerate(sampling):
-                self._advance(chunk.seq, logits[i])
+            for i, b in enumerate(order):
+                self._advance(plan[b].seq, logits[i])
+
+    async def _forward_rows(self, plan: list[ScheduledChunk], idx: list[int], sentinel: int
+                            ) -> tuple[torch.Tensor, int]:
+        """Forward the chunks of plan rows `idx` (rows of the step's block tables) → hidden [b, T, D]."""
+        width = max(plan[b].count for b in idx)
+        tokens = torch.zeros(len(idx), width, dtype=torch.int64)
+        positions = torch.full((len(idx), width), sentinel, dtype=torch.int64)
+        for i, b in enumerate(idx):
+            chunk = plan[b]
+            tokens[i, :chunk.count] = torch.tensor(chunk.seq.all_ids[chunk.start:chunk.start + chunk.count])
+            positions[i, :chunk.count] = torch.arange(chunk.start, chunk.start + chunk.count)
+        query_valid = positions < sentinel
+        device = self.model.dense.device
+        hidden = await self.model.forward_async(tokens.to(device), positions.to(device), query_valid.to(device),
+                                                self.cache, torch.tensor(idx, device=device))
+        return hidden, int(query_valid.sum())
 
     def _record_step(self, tokens: int) -> None:
         m = self.metrics

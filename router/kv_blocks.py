@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from grokserve.model.config import GrokConfig
+from grokserve.model.kv_cache import StepKV
 
 
 class BlockAllocator:
@@ -63,9 +64,8 @@ class PagedKVCache:
         self.key_valid = torch.zeros(num_blocks, block_size, dtype=torch.bool, device=device)
         self.block_size = block_size
         self.tables = torch.zeros(0, 1, dtype=torch.int64)
-        self._write: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def begin_step(self, rows: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    def begin_step(self, rows: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> StepKV:
         tables = self.tables[rows]  # [B, max_blocks]
         index = positions // self.block_size  # [B, T]
         inside = index < tables.shape[1]
@@ -75,22 +75,20 @@ class PagedKVCache:
         offsets = positions % self.block_size  # [B, T]
         self.key_valid[blocks, offsets] = key_valid
         self.key_valid[0] = False
-        self._write = (blocks, offsets)
-        self._tables = tables
-        span = tables.shape[1] * self.block_size
-        visible = self.key_valid[tables].view(tables.shape[0], span)  # [B, S]
+        batch, n_blocks = tables.shape
+        span = n_blocks * self.block_size
+        visible = self.key_valid[tables].view(batch, span)  # [B, S]
         key_pos = torch.arange(span, device=positions.device)
-        return visible[:, None, :] & (key_pos[None, None, :] <= positions[:, :, None])  # [B, T, S]
+        mask = visible[:, None, :] & (key_pos[None, None, :] <= positions[:, :, None])  # [B, T, S]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self._write is not None, "begin_step must be called first"
-        blocks, offsets = self._write
-        self.k[layer][blocks, offsets] = k
-        self.v[layer][blocks, offsets] = v
-        batch, n_blocks = self._tables.shape
-        k_all = self.k[layer][self._tables].view(batch, n_blocks * self.block_size, *k.shape[2:])  # [B, S, Hkv, d]
-        v_all = self.v[layer][self._tables].view(batch, n_blocks * self.block_size, *v.shape[2:])
-        return k_all, v_all
+        def update(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.k[layer][blocks, offsets] = k
+            self.v[layer][blocks, offsets] = v
+            k_all = self.k[layer][tables].view(batch, span, *k.shape[2:])  # [B, S, Hkv, d]
+            v_all = self.v[layer][tables].view(batch, span, *v.shape[2:])
+            return k_all, v_all
+
+        return StepKV(mask, update)
 
     def clear_blocks(self, blocks: list[int]) -> None:
         """Forget a freed sequence's keys so a new owner never sees stale validity."""

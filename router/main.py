@@ -31,7 +31,7 @@ async def run_router(args) -> None:
     tokens = load_tokens(args.tokens_file) if args.tokens_file else None
     limits = EngineLimits(max_queue=args.max_queue, max_running=args.max_running,
                           max_step_tokens=args.max_step_tokens, kv_cache_bytes=args.kv_cache_mb << 20,
-                          max_tokens_limit=args.max_tokens_limit)
+                          max_tokens_limit=args.max_tokens_limit, micro_batch_overlap=args.micro_batch_overlap)
     router = build_router(args.checkpoint, args.dtype, args.device, plan, endpoints, limits, args.transport,
                           metrics=args.metrics_port is not None, dispatch_tls=dispatch)
     metrics = ""

@@ -65,6 +65,27 @@ def test_concurrent_staggered_requests_equal_reference_run_alone(router, referen
         assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(ids), n)
 
 
+def test_micro_batch_overlap_gives_the_same_outputs(tiny_grokserve_ckpt, workers_module, reference, prompts):
+    """Two halves of each step interleaved (dispatch of one during attention of the other): same tokens."""
+    harness = RouterHarness(tiny_grokserve_ckpt, [w.address for w in workers_module],
+                            limits=EngineLimits(kv_cache_bytes=4 << 20, micro_batch_overlap=True))
+    try:
+        cases = [(p[: 1 + i % len(p)], 4 + i % 5) for i, p in enumerate(prompts * 4)]
+
+        async def main():
+            async with AsyncClient(harness.address) as client:
+                return await asyncio.gather(*(client.generate(ids, max_tokens=n, temperature=0.0, ignore_eos=True)
+                                              for ids, n in cases))
+
+        answers = asyncio.run(main())
+        for (ids, n), answer in zip(cases, answers, strict=True):
+            expected = reference.generate([ids], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
+            assert list(answer.token_ids) == expected
+        assert harness.engine.steps > 0 and max(harness.engine.step_tokens) > 1  # batches really formed
+    finally:
+        harness.close()
+
+
 def test_seeded_sampling_is_reproducible_whatever_else_is_in_the_batch(router, prompts):
     kwargs = dict(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     with Client(router.address) as client:
