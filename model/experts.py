@@ -34,6 +34,7 @@ class ExpertModule:
         self.dtype = dtype
         self.device = torch.device(device)
         self.shard: dict[int, tuple[int, ...]] = {int(k): tuple(sorted(set(v))) for k, v in shard.items()}
+        self.fast_down = self.device.type == "cuda"  # see layers.expert_ffn
         self.stacks: dict[int, dict[str, torch.Tensor]] = {}
         self.local_index: dict[int, torch.Tensor] = {}
         for layer, experts in self.shard.items():
@@ -73,26 +74,27 @@ class ExpertModule:
             return out.to(out_dtype or self.dtype)
         # The reference rounds the gate probability to the activation dtype before multiplying.
         gates = gates.to(self.dtype).float()
-        flat_ids = expert_ids.reshape(-1)  # [N·K]
+        # The routing plan is made on the host (ids arrive there on a worker): no device sync in a layer.
+        flat_ids = expert_ids.reshape(-1).cpu()  # [N·K]
         valid = flat_ids != NO_EXPERT
-        if bool((valid & ~self._held_mask(layer, flat_ids)).any()):
-            bad = sorted({int(e) for e in flat_ids[valid & ~self._held_mask(layer, flat_ids)].tolist()})
+        local_index = self.local_index[layer].cpu()
+        local = torch.where(valid, local_index[flat_ids.clamp(min=0)], -1)  # [N·K]
+        if bool((valid & (local < 0)).any()):
+            bad = sorted({int(e) for e in flat_ids[valid & (local < 0)].tolist()})
             raise ExpertShardError(f"layer {layer}: experts {bad} are not held by this shard")
-        local = torch.where(valid, self.local_index[layer][flat_ids.clamp(min=0)], -1)  # [N·K]
         order = torch.argsort(local, stable=True)
-        sorted_local = local[order]
-        counts = torch.bincount(sorted_local[sorted_local >= 0], minlength=len(self.shard[layer])).tolist()
-        start = int((sorted_local < 0).sum())
+        counts = torch.bincount(local[local >= 0], minlength=len(self.shard[layer])).tolist()
+        start = int((local < 0).sum())
+        order = order.to(hidden.device, non_blocking=True)
         k = expert_ids.shape[1]
+        flat_gates = gates.reshape(-1)
         for idx, count in enumerate(counts):
             if count == 0:
                 continue
             slots = order[start:start + count]  # flat (row, k) slots routed to this expert
             start += count
             rows = slots // k
-            y = layers.expert_ffn(hidden[rows], stack["w_gate"][idx], stack["w_up"][idx], stack["w_down"][idx])
-            out.index_add_(0, rows, y * gates.reshape(-1)[slots, None])
+            y = layers.expert_ffn(hidden[rows], stack["w_gate"][idx], stack["w_up"][idx], stack["w_down"][idx],
+                                  self.fast_down)
+            out.index_add_(0, rows, y * flat_gates[slots, None])
         return out.to(out_dtype or self.dtype)
-
-    def _held_mask(self, layer: int, flat_ids: torch.Tensor) -> torch.Tensor:
-        return self.local_index[layer][flat_ids.clamp(min=0)] >= 0

@@ -72,14 +72,18 @@ def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tupl
 
 
 def expert_ffn(
-    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, fast_down: bool = False
 ) -> torch.Tensor:
     """One expert on its rows: x [n, D] → f32 [n, D]. linear_1(gelu_tanh(x·linear) · (x·linear_v)).
 
-    The two input projections run in the activation dtype (bf16 results, as the reference); GELU, the
-    product and the down projection run in f32 (FACTS §2.5 step 3).
+    The two input projections run in the activation dtype (bf16 results, as the reference); GELU and the
+    product run in f32, and so does the down projection (FACTS §2.5 step 3) unless `fast_down`: then it
+    is a bf16 matmul with f32 accumulation on the bf16-rounded product, avoiding an f32 copy of the weight
+    per call (the GPU path; the reference's own GPU numerics are TF32 there, FACTS §7).
     """
     gate = F.linear(x, w_gate).float()  # [n, F]
     up = F.linear(x, w_up).float()  # [n, F]
     hidden = F.gelu(gate, approximate="tanh") * up  # [n, F] f32
+    if fast_down and w_down.dtype != torch.float32:
+        return F.linear(hidden.to(w_down.dtype), w_down).float()  # [n, D]
     return F.linear(hidden, w_down.float())  # [n, D] f32

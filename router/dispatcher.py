@@ -26,6 +26,7 @@ from grokserve.router.metrics import RouterMetrics
 from grokserve.v1 import expert_pb2_grpc as pb_grpc
 from grokserve.workers import wire
 from grokserve.workers.server import message_limit
+from grokserve.workers.staging import PinnedStaging
 from grokserve.workers.tls import TlsFiles
 
 log = logging.getLogger("grokserve.dispatcher")
@@ -177,6 +178,7 @@ class Dispatcher:
         self.stats = DispatchStats()
         self.metrics = metrics
         self.tls = tls
+        self.staging = PinnedStaging()
         for shard in plan.shards:
             self.set_endpoints(shard.name, endpoints.get(shard.name, []))
 
@@ -226,10 +228,11 @@ class Dispatcher:
         Runs on the I/O loop. Routing uses numpy: per-op cost matters at decode sizes (N = batch).
         """
         n_rows = hidden.shape[0]
+        device = hidden.device
         out = torch.zeros(n_rows, self.config.d_model, dtype=torch.float32)  # [N, D]
         if n_rows == 0:
-            return out.to(self.dtype)
-        hidden = hidden.to(self.dtype).cpu()
+            return out.to(device=device, dtype=self.dtype)
+        hidden = self.staging.to_host(hidden.to(self.dtype))  # GPU: pinned, non-blocking
         ids_np = expert_ids.cpu().numpy()  # [N, K]
         gates = gates.cpu()
         slot_owner = self.owner_np[layer][ids_np]  # [N, K] shard index per slot
@@ -255,10 +258,10 @@ class Dispatcher:
             self.stats.last_compute_seconds = max(self.stats.last_compute_seconds, response.compute_seconds)
             self.stats.per_shard_calls[shard] = self.stats.per_shard_calls.get(shard, 0) + 1
             partial = wire.decode_partial(response, len(rows), self.config.d_model, self.dtype)
-            if len(jobs) == 1:
-                return partial.clone()  # one shard answered for every row: nothing to sum
+            if len(jobs) == 1:  # one shard answered for every row: nothing to sum
+                return self.staging.to_device(partial, device) if device.type == "cuda" else partial.clone()
             out.index_add_(0, rows, partial.float())
-        return out.to(self.dtype)
+        return self.staging.to_device(out.to(self.dtype), device)
 
     async def _exchange(self, layer: int, jobs: list, deadline: float) -> list[wire.ResponseView]:
         """All shards at once; the first error (after its retry) is raised once every call has ended."""

@@ -24,6 +24,7 @@ from grokserve.model.experts import ExpertModule
 from grokserve.v1 import expert_pb2 as pb
 from grokserve.workers import wire
 from grokserve.workers.metrics import WorkerMetrics, serve_metrics
+from grokserve.workers.staging import PinnedStaging
 from grokserve.workers.tls import TlsFiles
 
 log = logging.getLogger("grokserve.worker")
@@ -84,6 +85,7 @@ class ExpertServicer:
         # One compute thread: torch parallelises inside a matmul; the event loop stays free for I/O.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
         self.in_flight = 0
+        self.staging = PinnedStaging()
 
     def attach(self, experts: ExpertModule) -> None:
         config = experts.config
@@ -95,14 +97,17 @@ class ExpertServicer:
             self.metrics.weights.labels(self.metrics.shard).set(experts.resident_bytes())
             self.metrics.ready.labels(self.metrics.shard).set(1)
 
-    def _compute(self, req: wire.DecodedRequest) -> tuple[torch.Tensor, float]:
+    def _compute(self, req: wire.DecodedRequest, call_id: int, wire_dtype: int) -> tuple[bytes, float]:
+        """Compute and encode in one go: on GPU the partial sits in a reused pinned buffer until encoded."""
         assert self.experts is not None
         start = time.perf_counter()
+        device = self.experts.device
         with torch.inference_mode():
-            partial = self.experts.forward(req.layer, req.hidden.to(self.experts.device),
-                                           req.expert_ids.to(self.experts.device),
-                                           req.gates.to(self.experts.device)).cpu()
-        return partial, time.perf_counter() - start
+            partial = self.experts.forward(req.layer, self.staging.to_device(req.hidden, device), req.expert_ids,
+                                           req.gates.to(device))
+            partial = self.staging.to_host(partial)
+        seconds = time.perf_counter() - start
+        return wire.encode_response_bytes(call_id, wire_dtype, partial, seconds), seconds
 
     async def _answer(self, request: pb.ForwardRequest) -> bytes:
         """A serialized ForwardResponse (hand-encoded: one copy of the partial sums)."""
@@ -120,10 +125,10 @@ class ExpertServicer:
             m.in_flight.labels(m.shard).inc()
         try:
             if decoded.hidden.numel() <= self.settings.inline_elements:
-                partial, seconds = self._compute(decoded)
+                answer, seconds = self._compute(decoded, request.call_id, request.dtype)
             else:
-                partial, seconds = await asyncio.get_running_loop().run_in_executor(self.executor, self._compute,
-                                                                                    decoded)
+                answer, seconds = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._compute, decoded, request.call_id, request.dtype)
         finally:
             self.in_flight -= 1
             if m is not None:
@@ -133,7 +138,7 @@ class ExpertServicer:
             ids = decoded.expert_ids[decoded.expert_ids >= 0]
             for expert, count in zip(*torch.unique(ids, return_counts=True), strict=True):
                 m.tokens.labels(m.shard, str(decoded.layer), str(int(expert))).inc(int(count))
-        return wire.encode_response_bytes(request.call_id, request.dtype, partial, seconds)
+        return answer
 
     async def Forward(self, request, context):
         try:
