@@ -141,7 +141,23 @@ def sweep(name: str, address: str, args) -> list[dict]:
     return results
 
 
-def sweep_system(name: str, kind: str, metrics: bool, args, overlap: bool = False) -> list[dict]:
+def ab_rounds(args, label: str, options) -> list[dict]:
+    """Router + 2 workers with `label` off, then on, alternating for --rounds (so slow drifts of the machine
+    hit both equally); prints on/off throughput per concurrency. `options(on)` → sweep_system kwargs."""
+    results = []
+    for _ in range(args.rounds):
+        for on in (False, True):
+            name = f"{label}-{'on' if on else 'off'}"
+            results += sweep_system(name, "distributed", args=args, **options(on))
+    for c in args.concurrency:
+        def mean(state: str, c=c) -> float:
+            return statistics.mean(r["output_tokens_per_s"] for r in results
+                                   if r["system"] == f"{label}-{state}" and r["concurrency"] == c)
+        print(f"c={c}: {label} on / off throughput = {mean('on') / mean('off'):.3f}")
+    return results
+
+
+def sweep_system(name: str, kind: str, args, metrics: bool = False, overlap: bool = False) -> list[dict]:
     """Start a system, sweep it, stop it."""
     procs, address = start_system(kind, Path(args.checkpoint), args.router_threads, metrics, overlap)
     try:
@@ -202,31 +218,15 @@ def main() -> None:
         results += sweep("router", args.address, args)
     if args.compare:
         for name in ("distributed", "local"):
-            results += sweep_system(name, name, False, args)
+            results += sweep_system(name, name, args)
         by = {(r["system"], r["concurrency"]): r["output_tokens_per_s"] for r in results}
         for c in args.concurrency:
             ratio = by[("distributed", c)] / by[("local", c)]
             print(f"c={c}: distributed / local throughput = {ratio:.2f}")
     if args.metrics_overhead:
-        for _ in range(args.rounds):  # alternate so slow drifts of the machine hit both equally
-            for name, metrics in (("metrics-off", False), ("metrics-on", True)):
-                results += sweep_system(name, "distributed", metrics, args)
-        for c in args.concurrency:
-            on = statistics.mean(r["output_tokens_per_s"] for r in results
-                                 if r["system"] == "metrics-on" and r["concurrency"] == c)
-            off = statistics.mean(r["output_tokens_per_s"] for r in results
-                                  if r["system"] == "metrics-off" and r["concurrency"] == c)
-            print(f"c={c}: metrics on / off throughput = {on / off:.3f} (overhead {100 * (1 - on / off):.1f} %)")
+        results += ab_rounds(args, "metrics", lambda on: {"metrics": on})
     if args.overlap:
-        for _ in range(args.rounds):
-            for name, overlap in (("overlap-off", False), ("overlap-on", True)):
-                results += sweep_system(name, "distributed", False, args, overlap)
-        for c in args.concurrency:
-            on = statistics.mean(r["output_tokens_per_s"] for r in results
-                                 if r["system"] == "overlap-on" and r["concurrency"] == c)
-            off = statistics.mean(r["output_tokens_per_s"] for r in results
-                                  if r["system"] == "overlap-off" and r["concurrency"] == c)
-            print(f"c={c}: micro-batch overlap on / off throughput = {on / off:.3f}")
+        results += ab_rounds(args, "overlap", lambda on: {"overlap": on})
     summary = {"machine": platform.platform(), "python": platform.python_version(),
                "command": " ".join(sys.argv), "results": results}
     if args.json:

@@ -27,6 +27,12 @@ class StepKV:
     # update(layer, k [B, T, Hkv, d], v) writes this call's keys and returns all keys/values [B, S, Hkv, d]
 
 
+def causal_mask(visible: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """visible bool [B, S] (key s is a real token), positions [B, T] → mask [B, T, S]: key s ≤ query position."""
+    key_pos = torch.arange(visible.shape[1], device=positions.device)  # [S]
+    return visible[:, None, :] & (key_pos[None, None, :] <= positions[:, :, None])
+
+
 class KVCache(Protocol):
     def begin_step(self, rows: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> StepKV:
         """Declare a forward call over cache rows [B] at positions [B, T]; key_valid bool [B, T]."""
@@ -53,9 +59,7 @@ class ContiguousKVCache:
         row_index = rows[:, None].expand_as(positions)  # [B, T]
         self.key_valid[row_index, positions] = key_valid
         span = int(positions.max()) + 1  # keys beyond the furthest position are never visible
-        key_pos = torch.arange(span, device=positions.device)  # [S]
-        visible = self.key_valid[rows, :span]  # [B, S]
-        mask = visible[:, None, :] & (key_pos[None, None, :] <= positions[:, :, None])  # [B, T, S]
+        mask = causal_mask(self.key_valid[rows, :span], positions)  # [B, T, S]
 
         def update(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             self.k[layer][row_index, positions] = k

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from grokserve.model.config import GrokConfig
-from grokserve.model.kv_cache import StepKV
+from grokserve.model.kv_cache import StepKV, causal_mask
 
 
 class BlockAllocator:
@@ -77,9 +77,7 @@ class PagedKVCache:
         self.key_valid[0] = False
         batch, n_blocks = tables.shape
         span = n_blocks * self.block_size
-        visible = self.key_valid[tables].view(batch, span)  # [B, S]
-        key_pos = torch.arange(span, device=positions.device)
-        mask = visible[:, None, :] & (key_pos[None, None, :] <= positions[:, :, None])  # [B, T, S]
+        mask = causal_mask(self.key_valid[tables].view(batch, span), positions)  # [B, T, S]
 
         def update(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             self.k[layer][blocks, offsets] = k
