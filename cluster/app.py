@@ -81,10 +81,15 @@ class ExpertShardReplica:
                                               os.getpid()), timeout=10)
 
     def check_health(self) -> None:
-        """Healthy = weights loaded and the gRPC server answering; refreshes the registry entry."""
+        """Healthy = weights loaded and the gRPC server running. Also refreshes the registry entry; a slow
+        registry is not this replica's illness, so a failed refresh is logged, not raised (else Serve would
+        restart a working replica under load)."""
         if self.worker.servicer.experts is None:
             raise RuntimeError("expert weights are not loaded")
-        self._register()
+        try:
+            self._register()
+        except Exception as exc:
+            log.warning("registry refresh failed (entry expires in %.0fs if this persists): %s", REGISTRY_TTL_S, exc)
 
     def address(self) -> str:
         return self.worker.address
