@@ -139,7 +139,7 @@ class GrokModel:
             if self.route_observer is not None:
                 self.route_observer(layer, expert_ids)
             moe_out = await self._experts(layer, x, expert_ids, gates)  # [N, D]
-            h = h.reshape(-1, c.d_model).clone()
+            h = h.view(-1, c.d_model)  # fresh from the attention block: safe to update in place
             h[flat_valid] = dense.moe_output(layer, h_rows, moe_out)
             h = h.view(tokens.shape[0], tokens.shape[1], c.d_model)
         return h

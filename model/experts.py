@@ -50,7 +50,7 @@ class ExpertModule:
             }
             index = torch.full((config.n_experts,), -1, dtype=torch.int64)
             index[list(experts)] = torch.arange(len(experts))
-            self.local_index[layer] = index.to(self.device)
+            self.local_index[layer] = index  # host-side: routing plans are made on the host
 
     def holds(self, layer: int, expert: int) -> bool:
         return expert in self.shard.get(layer, ())
@@ -77,8 +77,7 @@ class ExpertModule:
         # The routing plan is made on the host (ids arrive there on a worker): no device sync in a layer.
         flat_ids = expert_ids.reshape(-1).cpu()  # [N·K]
         valid = flat_ids != NO_EXPERT
-        local_index = self.local_index[layer].cpu()
-        local = torch.where(valid, local_index[flat_ids.clamp(min=0)], -1)  # [N·K]
+        local = torch.where(valid, self.local_index[layer][flat_ids.clamp(min=0)], -1)  # [N·K]
         if bool((valid & (local < 0)).any()):
             bad = sorted({int(e) for e in flat_ids[valid & (local < 0)].tolist()})
             raise ExpertShardError(f"layer {layer}: experts {bad} are not held by this shard")
