@@ -178,6 +178,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded Ray → deploy the spec → one streamed request → shut down, all in this process."""
+    import time
+
     import ray
 
     from grokserve.client import Client
@@ -187,8 +189,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     session.loopback_env()
     spec = load_spec(args.spec)
     spec = spec.model_copy(update={"router": spec.router.model_copy(update={"grpc_port": args.port})})
-    ray.init(namespace="grokserve", include_dashboard=False, log_to_driver=False,
+    started = time.monotonic()
+    ray.init(namespace="grokserve", include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              num_cpus=args.num_cpus or session.local_cpus(spec))
+    session.quiet_ray_logs()
     try:
         print(f"starting a local cluster: {spec.model.checkpoint} model, router + "
               f"{spec.experts.workers or len(spec.experts.shards or [])} expert workers ...", flush=True)
@@ -197,15 +201,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         bar.close()
         address = f"{spec.router.host}:{stats['port']}"
         print(f"serving on {address}; request: {args.prompt!r}", flush=True)
+        last = None
         with Client(address, timeout=120) as client:
             print(args.prompt, end="", flush=True)
             for chunk in client.generate_stream(args.prompt, max_tokens=args.max_tokens, temperature=0.0):
                 print(chunk.text, end="", flush=True)
+                last = chunk
             print()
-        return 0
     finally:
-        session.teardown(None)
+        session.teardown(spec.name)
         ray.shutdown()
+    if last is not None:
+        print(f"[{last.usage.completion_tokens} tokens in {last.timings.total_seconds:.2f} s, first after "
+              f"{last.timings.time_to_first_token_seconds * 1e3:.0f} ms; cluster up, served and stopped in "
+              f"{time.monotonic() - started:.1f} s]")
+    return 0
 
 
 def _dispatch_tls_args(p: argparse.ArgumentParser, cert_help: str) -> None:

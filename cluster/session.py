@@ -23,11 +23,22 @@ DEFAULT_RAY_PORT = 6380
 
 
 def loopback_env() -> None:
-    """Keep a local Ray on loopback, without usage stats, under one temp dir (MACHINE-NOTES)."""
+    """Keep a local Ray on loopback, without usage stats, under one temp dir: Ray binds a routable address
+    unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set before it is imported (docs/architecture.md)."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-grokserve")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def quiet_ray_logs() -> None:
+    """The CLI speaks for itself: Ray's and Serve's INFO chatter on the driver is dropped (warnings stay)."""
+    import logging
+
+    import ray.serve  # noqa: F401  (Serve sets its logger's level when first imported: import it, then lower it)
+
+    for name in ("ray", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _ray_cli() -> str:

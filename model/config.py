@@ -16,7 +16,7 @@ DType = Literal["float32", "bfloat16"]
 
 
 class GrokConfig(BaseModel):
-    """Architecture of a Grok-1-style MoE transformer (FACTS §1). Immutable."""
+    """Architecture of a Grok-1-style MoE transformer (docs/grok1.md §1). Immutable."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -127,13 +127,13 @@ _GROK1_CONSTANTS = dict(
 )
 
 PRESETS: dict[str, GrokConfig] = {
-    # FACTS §1, exactly.
+    # xai-org/grok-1 run.py's configuration, exactly (docs/grok1.md §1).
     "grok-1": GrokConfig(
         name="grok-1", vocab_size=131072, d_model=6144, n_layers=64, n_q_heads=48, n_kv_heads=8,
         head_dim=128, widening_factor=8, n_experts=8, n_experts_per_token=2, max_seq_len=8192,
         **_GROK1_CONSTANTS,
     ),
-    # The tiny model of ../shared/grok1/vectors (xAI's code, random weights).
+    # The tiny model of tests/data/grok1-tiny (xAI's code, random weights).
     "grok-1-tiny-ref": GrokConfig(
         name="grok-1-tiny-ref", vocab_size=512, d_model=128, n_layers=2, n_q_heads=16, n_kv_heads=8,
         head_dim=8, widening_factor=8, n_experts=8, n_experts_per_token=2, max_seq_len=64,

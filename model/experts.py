@@ -62,7 +62,7 @@ class ExpertModule:
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """hidden [N, D], expert_ids int [N, K] (NO_EXPERT slots skipped), gates f32 [N, K] → [N, D].
 
-        Σ_k bf16-rounded-gate · expert(x) accumulated in f32, rounded once to `out_dtype` (FACTS §2.5 step 4).
+        Σ_k bf16-rounded-gate · expert(x) accumulated in f32, rounded once to `out_dtype` (docs/grok1.md §3).
         Rows are grouped by expert: one gathered matmul chain per held expert, no per-token loop.
         """
         if layer not in self.stacks:

@@ -1,7 +1,8 @@
 """The math of one Grok-1 layer as plain functions: RMSNorm, RoPE, attention, router, gated-GELU expert FFN.
 
 Both halves of the model use these: the dense half (router replicas) and the expert half (workers).
-The dtype flow follows FACTS §2.7: activations in `dtype`, norm/RoPE/softmax/router internals in f32.
+The dtype flow follows the reference (docs/grok1.md §3): activations in `dtype`; norm, RoPE, softmax and
+router internals in f32.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def attention(
 def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [N, D] (pre-MoE norm output), router_weight f32 [E, D] → expert_ids int64 [N, K], gates f32 [N, K].
 
-    f32 softmax over all experts, then the top-k probabilities *without* renormalisation (FACTS §2.5).
+    f32 softmax over all experts, then the top-k probabilities *without* renormalisation (docs/grok1.md §2).
     Ties go to the lower expert index, as jax.lax.top_k does.
     """
     probs = torch.softmax(F.linear(hidden.float(), router_weight.float()), dim=-1)  # [N, E]
@@ -77,9 +78,9 @@ def expert_ffn(
     """One expert on its rows: x [n, D] → f32 [n, D]. linear_1(gelu_tanh(x·linear) · (x·linear_v)).
 
     The two input projections run in the activation dtype (bf16 results, as the reference); GELU and the
-    product run in f32, and so does the down projection (FACTS §2.5 step 3) unless `fast_down`: then it
+    product run in f32, and so does the down projection (docs/grok1.md §3) unless `fast_down`: then it
     is a bf16 matmul with f32 accumulation on the bf16-rounded product, avoiding an f32 copy of the weight
-    per call (the GPU path; the reference's own GPU numerics are TF32 there, FACTS §7).
+    per call (the GPU path; XLA itself would use TF32 for that f32 dot on a GPU).
     """
     gate = F.linear(x, w_gate).float()  # [n, F]
     up = F.linear(x, w_up).float()  # [n, F]

@@ -153,6 +153,7 @@ class DispatchStats:
     worker_compute_seconds: float = 0.0
     last_compute_seconds: float = 0.0  # the slowest shard's compute in the last forward (they run in parallel)
     per_shard_calls: dict[str, int] = field(default_factory=dict)
+    per_replica_calls: dict[str, int] = field(default_factory=dict)  # answered calls per replica address
 
 
 class Dispatcher:
@@ -317,6 +318,8 @@ class Dispatcher:
                 raise _CallFailed(exc.code(), exc.details() or str(exc)) from None
         if response.has_error:
             raise _CallFailed(_status_code(response.error_code), response.error_message)
+        calls = self.stats.per_replica_calls
+        calls[replica.address] = calls.get(replica.address, 0) + 1
         return response
 
     def _pick(self, shard: str, exclude: _Replica | None) -> _Replica | None:

@@ -8,6 +8,7 @@ sequence's sink. A failed step (a dead shard) fails only the sequences in that s
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -39,6 +40,14 @@ class EngineLimits:
     micro_batch_overlap: bool = False  # split each step in two halves that overlap dispatch and attention
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """What one engine step computed: all its tokens, and how many sequences it decoded together."""
+
+    tokens: int
+    decode_sequences: int
+
+
 class RouterEngine:
     def __init__(self, model: GrokModel, limits: EngineLimits = EngineLimits(), metrics: RouterMetrics | None = None):
         self.model = model
@@ -62,7 +71,7 @@ class RouterEngine:
         self._wake = asyncio.Event()
         self._stopping = False
         self.steps = 0
-        self.step_tokens: list[int] = []
+        self.recent_steps: collections.deque[StepRecord] = collections.deque(maxlen=1024)
         self._preemptions_seen = 0
         self._task = self.io.run(self._start())
 
@@ -174,10 +183,10 @@ class RouterEngine:
             halves = [list(range(rows // 2)), list(range(rows // 2, rows))]
         outputs = await asyncio.gather(*(self._forward_rows(plan, idx, sentinel) for idx in halves))
         self.steps += 1
-        self.step_tokens.append(sum(tokens for _, tokens in outputs))
-        if len(self.step_tokens) > 1024:
-            del self.step_tokens[:512]
-        self._record_step(self.step_tokens[-1])
+        record = StepRecord(tokens=sum(tokens for _, tokens in outputs),
+                            decode_sequences=sum(1 for c in plan if c.start >= len(c.seq.prompt_ids)))
+        self.recent_steps.append(record)
+        self._record_step(record.tokens)
         last_hidden = {}  # plan row → hidden of its last computed token
         for idx, (hidden, _) in zip(halves, outputs, strict=True):
             for i, b in enumerate(idx):

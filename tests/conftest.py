@@ -1,29 +1,25 @@
-"""Shared test fixtures: where ../shared lives, the official tiny vectors, a loaded reference engine, and
-real worker processes."""
+"""Shared test fixtures: the official tiny Grok-1 in tests/data, a loaded reference engine, and real
+worker processes. Every file a test reads lives in the repository (tests/data/README.md)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from procs import WorkerProc
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("GROKSERVE_SHARED", REPO.parent / "shared"))
-VECTORS = SHARED / "grok1" / "vectors"
-OFFICIAL_TOKENIZER = SHARED / "grok1" / "tokenizer.model"
+pytest_plugins = ["no_skips", "pytester"]
 
-
-def require_shared(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the shared reference files (../shared beside the repo) are needed")
-    return path
+DATA = Path(__file__).resolve().parent / "data"
+VECTORS = DATA / "grok1-tiny"
+OFFICIAL_TOKENIZER_GZ = DATA / "grok1-tokenizer.model.gz"  # gzip of xai-org/grok-1 tokenizer.model
+OFFICIAL_TOKENIZER_SHA256 = "5c69d7cbad192fa2c9d14e2a77fbfdc11597c68907b043ddb0260e3d28eddd7f"
 
 
 @pytest.fixture(scope="session")
 def vectors() -> Path:
-    return require_shared(VECTORS)
+    """The official tiny Grok-1: checkpoint, config, logits and greedy continuations from xAI's code."""
+    return VECTORS
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +52,18 @@ def prompts(vectors) -> list[list[int]]:
 
 
 @pytest.fixture(scope="session")
-def official_tokenizer():
+def official_tokenizer(tmp_path_factory):
+    """xAI's Grok-1 tokenizer, unpacked byte for byte (its SHA-256 is checked)."""
+    import gzip
+    import hashlib
+
     from grokserve.model.tokenizer import Tokenizer
 
-    return Tokenizer(require_shared(OFFICIAL_TOKENIZER))
+    raw = gzip.decompress(OFFICIAL_TOKENIZER_GZ.read_bytes())
+    assert hashlib.sha256(raw).hexdigest() == OFFICIAL_TOKENIZER_SHA256
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    path.write_bytes(raw)
+    return Tokenizer(path)
 
 
 @pytest.fixture(scope="session")

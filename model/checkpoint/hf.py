@@ -1,4 +1,4 @@
-"""Reader for Hugging-Face conversions of Grok-1: hpcai-tech/grok-1 and keyfan/grok-1-hf naming (FACTS §4).
+"""Reader for Hugging-Face conversions of Grok-1: hpcai-tech/grok-1 and keyfan/grok-1-hf naming.
 
 Files are `*.safetensors` or `pytorch_model*.bin`; .bin files are loaded with `torch.load(weights_only=True)`
 (PyTorch's own restricted unpickler). Weights are already in PyTorch [out, in] orientation.

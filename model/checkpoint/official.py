@@ -152,7 +152,7 @@ def load_pickled_tensor(data: bytes, source: str) -> torch.Tensor | RawQuantized
 
 # ---- file order and naming ---------------------------------------------------------------------
 
-# Within a layer block, lexicographic order of the haiku module paths (FACTS §3.4).
+# Within a layer block, lexicographic order of the haiku module paths (docs/grok1.md §4).
 _LAYER_BLOCK = (
     "moe/linear/w", "moe/linear_1/w", "moe/linear_v/w",
     "multi_head_attention/key/w", "multi_head_attention/linear/w",

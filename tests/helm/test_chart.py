@@ -21,7 +21,7 @@ from grokserve.model.config import get_preset
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "grokserve"
 HELM = Path(os.environ.get("GROKSERVE_HELM", REPO / ".tools" / "helm"))
-CRDS = Path(os.environ.get("GROKSERVE_CRDS", REPO.parent / "shared" / "k8s" / "crds"))
+CRDS = REPO / "tests" / "data" / "k8s" / "crds"  # KubeRay and prometheus-operator CRDs (tests/data/README.md)
 VALUE_SETS = ["default", *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))]
 CORE_KINDS = {"Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy", "Pod"}
 K8S_VERSION = "1.30.0"
@@ -31,8 +31,6 @@ K8S_VERSION = "1.30.0"
 def helm_available():
     if not HELM.exists():
         pytest.fail(f"{HELM} is missing: scripts/install.sh fetches it (scripts/get_helm.sh)")
-    if not CRDS.exists():
-        pytest.skip(f"{CRDS} is absent: the shared CRD schemas (../shared/k8s/crds) are needed")
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:

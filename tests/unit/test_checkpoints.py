@@ -175,7 +175,7 @@ def test_official_file_order_is_lexicographic_in_the_layer_number():
 
     paths = official_paths(64)
     assert len(paths) == 770
-    assert paths[26] == "transformer/decoder_layer_10/moe/linear/w"  # FACTS §3.4
+    assert paths[26] == "transformer/decoder_layer_10/moe/linear/w"  # docs/grok1.md §4: layers in string order
     firsts = {int(p.split("/")[1].removeprefix("decoder_layer_")): i for i, p in enumerate(paths)
               if p.endswith("moe/linear/w")}
     assert (firsts[2], firsts[9], firsts[63]) == (146, 758, 722)

@@ -1,4 +1,4 @@
-"""The PyTorch Grok-1 computes what xAI's official code computes (../shared/grok1/vectors)."""
+"""The PyTorch Grok-1 computes what xAI's official code computes (tests/data/grok1-tiny, docs/grok1.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from grokserve.model.sampling import SamplingParams
 
 # bf16 mode rounds the dequantised weights to bf16 (the reference's dtype flow on GPU); the official
 # vectors were produced on XLA:CPU, which elides that rounding, and on this random model rounding the
-# weights alone moves logits by up to 0.36 (FORMAT.md §4). These bounds state that tolerance.
+# weights alone moves logits by up to 0.36 (docs/grok1.md §3). These bounds state that tolerance.
 BF16_MAX_ABS = 0.5
 BF16_MEAN_ABS = 0.03
 BF16_ARGMAX_AGREEMENT = 0.85
@@ -41,21 +41,28 @@ def test_greedy_generation_matches_official_float32_continuations(tiny_engine, g
     assert [g.token_ids for g in out] == greedy["f32"]
 
 
-def test_official_checkpoint_loads_to_exactly_params_npz(tiny_checkpoint, vectors):
+def test_official_checkpoint_loads_bit_exactly(tiny_checkpoint, vectors):
+    """Every parameter, dequantised in f32 and put back in the official [in, out] orientation, hashes to the
+    digest of xAI's own float parameters (tests/data/grok1-tiny/params.sha256.json)."""
+    import hashlib
+
     from grokserve.model.checkpoint.official import official_to_canonical
     from grokserve.model.weights import materialize
 
-    npz = np.load(vectors / "params.npz")
-    for path in npz.files:
-        ref = torch.from_numpy(npz[path])
+    digests = json.loads((vectors / "params.sha256.json").read_text())
+    assert len(digests) == 2 + 12 * tiny_checkpoint.config.n_layers
+    for path, ref in digests.items():
         name = official_to_canonical(path)
         if "{expert}" in name:
-            for e in range(ref.shape[0]):
-                got = materialize(tiny_checkpoint.params[name.format(expert=e)], torch.float32)
-                assert torch.equal(got, ref[e].t()), f"{path} expert {e}"
+            experts = [materialize(tiny_checkpoint.params[name.format(expert=e)], torch.float32).t()
+                       for e in range(tiny_checkpoint.config.n_experts)]
+            official = torch.stack(experts)  # [E, in, out]
         else:
             got = materialize(tiny_checkpoint.params[name], torch.float32)
-            assert torch.equal(got, ref if ref.dim() == 1 or name == "embed" else ref.t()), path
+            official = got if got.dim() == 1 or name == "embed" else got.t()
+        array = official.contiguous().numpy()
+        assert list(array.shape) == ref["shape"], path
+        assert hashlib.sha256(array.tobytes()).hexdigest() == ref["sha256"], path
 
 
 def test_kv_cache_decoding_equals_full_forward(tiny_engine, logits_npz):
@@ -71,7 +78,9 @@ def test_kv_cache_decoding_equals_full_forward(tiny_engine, logits_npz):
         h = model.forward(torch.tensor([[tok]]), torch.tensor([[pos]]), torch.ones(1, 1, dtype=torch.bool),
                           cache, torch.tensor([0]))
         rows.append(model.dense.head(h)[0, 0])
-    torch.testing.assert_close(torch.stack(rows), full, atol=1e-5, rtol=1e-5)
+    # Only float32 reassociation separates the two: a [1, D] and a [33, D] matmul take different kernels (on
+    # AVX-512 machines the logits, of magnitude up to 4, move by up to ~1.1e-5). A cache bug moves them by O(1).
+    torch.testing.assert_close(torch.stack(rows), full, atol=3e-5, rtol=1e-5)
 
 
 def test_chunked_prefill_equals_full_forward(tiny_checkpoint, tiny_engine, logits_npz):
@@ -117,7 +126,7 @@ def test_bfloat16_mode_stays_within_stated_tolerance_of_float32(tiny_checkpoint,
 
 
 def test_float32_layers_match_an_independent_float64_restatement(tiny_checkpoint, tiny_engine, logits_npz):
-    """FORMAT.md §8 restated in float64 numpy (gates un-renormalised, tanh GELU, capped logits)."""
+    """The forward of docs/grok1.md restated in float64 numpy (gates un-renormalised, tanh GELU, capped logits)."""
     p = {k: v.double().numpy() if isinstance(v, torch.Tensor) else v.dequantize(torch.float64).numpy()
          for k, v in tiny_checkpoint.params.items()}
     c = tiny_checkpoint.config
