@@ -23,13 +23,14 @@ from pathlib import Path
 import grpc
 import torch
 
-from grokserve.cluster.placement import auto_plan
 from grokserve.model.checkpoint.grokserve_format import write_checkpoint
 from grokserve.model.config import GrokConfig
 from grokserve.model.random_init import random_params
-from grokserve.router.dispatcher import Dispatcher
-from grokserve.router.loop_thread import LoopThread
-from grokserve.workers import wire
+from grokserve.router.dispatcher import Dispatcher, route
+from grokserve.router.settings import DispatchSettings
+from grokserve.transport import wire
+from grokserve.transport.loop_thread import LoopThread
+from grokserve.transport.placement import auto_plan
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -95,39 +96,35 @@ class EchoClient:
         self.io.stop()
 
 
-def timed_dispatch(dispatcher: Dispatcher, hidden, ids, gates, iterations: int) -> tuple[list[float], list[float]]:
-    """Round trips of one layer's dispatch, timed inside the dispatcher's I/O loop (as an engine step runs)."""
+def timed_dispatch(dispatcher: Dispatcher, hidden, ids, probs, iterations: int) -> tuple[list[float], list[float]]:
+    """Round trips of one layer's dispatch, timed inside the engine loop the dispatcher runs on (as a step runs)."""
 
     async def measure():
         rtt, compute = [], []
         for _ in range(iterations):
             start = time.perf_counter()
-            await dispatcher.forward_async(0, hidden, ids, gates)
+            await dispatcher.forward(0, hidden, ids, probs)
             rtt.append(time.perf_counter() - start)
             compute.append(dispatcher.stats.last_compute_seconds)
         return rtt, compute
 
-    return dispatcher.run(measure())
+    return dispatcher.loop.run(measure())
 
 
 def routed_inputs(t: int, config: GrokConfig, generator: torch.Generator):
     hidden = torch.randn(t, config.d_model, generator=generator).to(torch.bfloat16)  # [T, D]
     ids = torch.stack([torch.randperm(config.n_experts, generator=generator)[:2] for _ in range(t)])  # [T, 2]
-    gates = torch.rand(t, 2, generator=generator) * 0.5  # [T, 2]
-    return hidden, ids, gates
+    probs = torch.rand(t, 2, generator=generator) * 0.5  # [T, 2]
+    return hidden, ids, probs
 
 
-def message_sizes(dispatcher: Dispatcher, hidden, ids, gates) -> list[tuple[bytes, int]]:
+def message_sizes(dispatcher: Dispatcher, hidden, ids, probs) -> list[tuple[bytes, int]]:
     """The exact (request bytes, reply size) per worker that this dispatch sends."""
-    owner = torch.from_numpy(dispatcher.owner_np[0])[ids]
     out = []
-    for shard in torch.unique(owner).tolist():
-        mine = owner == shard
-        rows = mine.any(dim=1).nonzero().squeeze(1)
-        sub_ids = torch.where(mine, ids, torch.full_like(ids, -1))[rows]
-        req = wire.encode_request(1, 0, hidden[rows], sub_ids, gates[rows])
-        reply = len(rows) * hidden.shape[1] * 2 + 32
-        out.append((req.SerializeToString(), reply))
+    for call in route(dispatcher.owner[0], ids.numpy()):
+        rows = torch.from_numpy(call.rows)
+        req = wire.encode_request_bytes(1, 0, hidden[rows], torch.from_numpy(call.expert_ids), probs[rows])
+        out.append((req, len(rows) * hidden.shape[1] * 2 + 32))
     return out
 
 
@@ -153,16 +150,18 @@ def run(args) -> list[dict]:
                     procs.append(proc)
                     echo_addrs.append(addr)
                 for transport in ("unary", "stream"):
-                    dispatcher = Dispatcher(config, plan, endpoints, torch.bfloat16, transport=transport)
+                    loop = LoopThread("bench-dispatch")
+                    dispatcher = Dispatcher(config, plan, endpoints, torch.bfloat16, loop,
+                                            DispatchSettings(transport=transport))
                     echo = EchoClient(echo_addrs, transport)
                     for t in args.tokens:
-                        hidden, ids, gates = routed_inputs(t, config, generator)
-                        sizes = message_sizes(dispatcher, hidden, ids, gates)
+                        hidden, ids, probs = routed_inputs(t, config, generator)
+                        sizes = message_sizes(dispatcher, hidden, ids, probs)
                         rtt, compute, echo_rtt = [], [], []
-                        timed_dispatch(dispatcher, hidden, ids, gates, args.warmup)
+                        timed_dispatch(dispatcher, hidden, ids, probs, args.warmup)
                         echo.timed(sizes, args.warmup)
                         for _ in range(args.iters):  # interleave so both see the same machine load
-                            r, c = timed_dispatch(dispatcher, hidden, ids, gates, 1)
+                            r, c = timed_dispatch(dispatcher, hidden, ids, probs, 1)
                             rtt += r
                             compute += c
                             echo_rtt += echo.timed(sizes, 1)
@@ -177,6 +176,7 @@ def run(args) -> list[dict]:
                         results.append(row)
                         print_row(row)
                     dispatcher.close()
+                    loop.stop()
                     echo.close()
             finally:
                 for proc in procs:

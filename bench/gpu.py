@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from grokserve.model.config import GrokConfig, get_preset
-from grokserve.model.experts import ExpertModule
+from grokserve.model.experts import LocalExperts
 from grokserve.model.random_init import random_params
-from grokserve.workers import wire
+from grokserve.transport import wire
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -75,18 +75,18 @@ def expert_ffn_vs_roofline(device: torch.device, config: GrokConfig, token_count
                            peak: float, repeat: int) -> list[dict]:
     """One MoE layer (all experts resident, top-2 random routing) vs max(bytes/bandwidth, flops/peak)."""
     params = {name: t for name, t in random_params(config, dtype=torch.bfloat16) if ".experts." in name}
-    experts = ExpertModule(config, {0: list(range(config.n_experts))}, torch.bfloat16, params, device)
+    experts = LocalExperts(config, {0: list(range(config.n_experts))}, torch.bfloat16, params, device)
     del params
     d, f = config.d_model, config.ffn_size
     rows = []
     for tokens in token_counts:
         hidden = torch.randn(tokens, d, device=device, dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(config.n_experts)[:2] for _ in range(tokens)]).to(device)
-        gates = torch.rand(tokens, 2, device=device)
+        probs = torch.rand(tokens, 2, device=device)
         used = int(torch.unique(ids).numel())
         weight_bytes = used * 3 * d * f * 2
         flops = 2 * 3 * d * f * tokens * 2  # two experts per token, three matmuls each
-        seconds = timed(lambda: experts.forward(0, hidden, ids, gates), device, repeat)  # noqa: B023
+        seconds = timed(lambda: experts.compute(0, hidden, ids, probs), device, repeat)  # noqa: B023
         roofline = max((weight_bytes + 2 * tokens * d * 2) / bandwidth, flops / peak)
         rows.append({"tokens": tokens, "experts_touched": used, "seconds": seconds, "roofline_seconds": roofline,
                      "over_roofline": seconds / roofline, "tflops": flops / seconds / 1e12})
@@ -141,7 +141,8 @@ def decode_through_router(device: str, small: bool, steps: int, batch: int) -> d
             times = []
             for position in range(steps):
                 start = time.perf_counter()
-                hidden = model.forward(tokens, torch.full((batch, 1), position, device=device), valid, cache, rows)
+                step = model.forward(tokens, torch.full((batch, 1), position, device=device), valid, cache, rows)
+                hidden = router.loop.run(step)  # on the engine's loop, which the dispatcher lives on
                 tokens = model.dense.head(hidden[:, 0]).argmax(-1, keepdim=True)
                 sync(torch.device(device))
                 times.append(time.perf_counter() - start)

@@ -21,10 +21,10 @@ from grokserve.cluster.registry import get_registry
 from grokserve.cluster.spec import METRICS_PORT_SPAN, ClusterSpec, parse_spec
 from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
 from grokserve.model.config import GrokConfig
-from grokserve.router.loop_thread import LoopThread
-from grokserve.workers.metrics import serve_metrics
+from grokserve.transport.loop_thread import LoopThread
+from grokserve.transport.metrics_server import serve_metrics
 
-log = logging.getLogger("grokserve.cluster")
+log = logging.getLogger(__name__)
 HEALTH_PERIOD_S = 2.0
 REGISTRY_TTL_S = 3 * HEALTH_PERIOD_S + 2
 
@@ -48,7 +48,7 @@ class ExpertShardReplica:
     """One replica of one expert shard: the ExpertService gRPC server, registered with the registry."""
 
     def __init__(self, spec_json: str, shard_name: str):
-        from grokserve.workers.server import WorkerProcess, WorkerSettings
+        from grokserve.workers.server import ExpertWorker, WorkerSettings
 
         spec = ClusterSpec.model_validate_json(spec_json)
         checkpoint = spec.model.checkpoint_path()
@@ -66,7 +66,7 @@ class ExpertShardReplica:
         self.io = LoopThread(f"expert-{shard_name}")
 
         async def start():
-            worker = WorkerProcess(settings)
+            worker = ExpertWorker(settings)
             await worker.start()  # returns once the weights are resident and health is SERVING
             return worker
 
@@ -107,7 +107,6 @@ class RouterReplica:
     def __init__(self, spec_json: str, *expert_deployments):
         from grokserve.router.assembly import build_router
         from grokserve.router.auth import load_tokens
-        from grokserve.router.engine import EngineLimits
         from grokserve.router.service import GenerationService, start_router_server
 
         spec = ClusterSpec.model_validate_json(spec_json)
@@ -117,17 +116,12 @@ class RouterReplica:
         self.plan = spec.placement(config)
         if spec.router.threads:
             torch.set_num_threads(spec.router.threads)
-        lim = spec.router.limits
-        limits = EngineLimits(max_queue=lim.max_queue, max_running=lim.max_running,
-                              max_step_tokens=lim.max_step_tokens, kv_cache_bytes=lim.kv_cache_mb << 20,
-                              max_tokens_limit=lim.max_tokens_limit, micro_batch_overlap=lim.micro_batch_overlap)
         self.registry = get_registry()
         self.router = build_router(checkpoint, spec.model.dtype, resolve_device(spec.model.device), self.plan,
-                                   self._endpoints(), limits, spec.router.transport, spec.router.dispatch_deadline_s,
-                                   metrics=spec.router.metrics_port is not None,
-                                   dispatch_tls=spec.security.dispatch_tls())
+                                   self._endpoints(), spec.router.limits, spec.router.dispatch,
+                                   spec.security.dispatch_tls())
         self.metrics_port = None
-        if self.router.metrics is not None:
+        if spec.router.metrics_port is not None:
             self.metrics_port = serve_metrics(self.router.metrics.registry, ray.util.get_node_ip_address(),
                                               spec.router.metrics_port, METRICS_PORT_SPAN)
         service = GenerationService(self.router.engine, self.router.tokenizer, self.router.model_id)
@@ -146,6 +140,7 @@ class RouterReplica:
     def _watch(self) -> None:
         """Follow the registry: new replicas are used at once, vanished ones dropped."""
         dispatcher = self.router.dispatcher
+        assert dispatcher is not None  # a router of the cluster always dispatches to expert deployments
         while not self._stop.wait(1.0):
             try:
                 endpoints = self._endpoints()
@@ -159,15 +154,17 @@ class RouterReplica:
 
     def check_health(self) -> None:
         """Healthy = engine loop alive and gRPC server started (dense weights are loaded by then)."""
-        task = self.router.engine._task
-        if task.done():
-            raise RuntimeError(f"engine loop ended: {task.exception() if not task.cancelled() else 'cancelled'}")
+        if not self.router.engine.is_alive():
+            raise RuntimeError(f"engine loop ended: {self.router.engine.failure()}")
 
     def stats(self) -> dict:
+        dispatcher = self.router.dispatcher
+        assert dispatcher is not None  # a router of the cluster always dispatches to expert deployments
         return {"port": self.port, "metrics_port": self.metrics_port,
                 "node_id": ray.get_runtime_context().get_node_id(),
-                "load": self.router.engine.load(), "endpoints": self.router.dispatcher.endpoints(),
-                "dispatch": vars(self.router.dispatcher.stats).copy(), "steps": self.router.engine.steps}
+                "load": self.router.engine.load(), "endpoints": dispatcher.endpoints(),
+                "replicas": dispatcher.replica_states(), "dispatch": vars(dispatcher.stats).copy(),
+                "steps": self.router.engine.steps}
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -183,7 +180,7 @@ def build_app(spec: ClusterSpec, config: GrokConfig | None = None):
     plan = spec.placement(config)
     spec_json = spec.model_dump_json()
     experts = [
-        ExpertShardReplica.options(
+        ExpertShardReplica.options(  # type: ignore[attr-defined]  # added by @serve.deployment
             name=f"expert-{shard.name}", num_replicas=shard.replicas,
             ray_actor_options=spec.shard_actor_options(shard.name).to_ray(),
             health_check_period_s=HEALTH_PERIOD_S, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
@@ -191,7 +188,7 @@ def build_app(spec: ClusterSpec, config: GrokConfig | None = None):
         ).bind(spec_json, shard.name)
         for shard in plan.shards
     ]
-    return RouterReplica.options(
+    return RouterReplica.options(  # type: ignore[attr-defined]  # added by @serve.deployment
         name="router", num_replicas=spec.router.replicas, ray_actor_options=spec.router.ray_actor_options.to_ray(),
         health_check_period_s=HEALTH_PERIOD_S, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
     ).bind(spec_json, *experts)

@@ -1,18 +1,50 @@
 """The `grokserve` command: one argparse program with a subcommand per job.
 
-convert/score work on checkpoints; worker runs one expert worker standalone.
+convert/score work on checkpoints; worker and router run one process standalone; up/status/down/demo run
+the Ray Serve application. Options that are settings (engine limits, dispatch, worker) are built from the
+pydantic models that define them, so their names, types, defaults and help exist once.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from grokserve.model.checkpoint import FORMATS, CheckpointError
 
 Handler = Callable[[argparse.Namespace], int]
+log = logging.getLogger(__name__)
+
+
+def add_settings_options(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str = "",
+                         only: tuple[str, ...] | None = None) -> None:
+    """One `--prefix-field-name` option per field of `model` (or of `only`), with the field's type, choices,
+    default and description. The destination is `prefix_field_name`."""
+    for name, field in model.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        dest = f"{prefix}_{name}" if prefix else name
+        flag = "--" + dest.replace("_", "-")
+        annotation = field.annotation
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        help_text = f"{field.description or name} (default: {field.default})"
+        if annotation is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=field.description)
+        elif typing.get_origin(annotation) is typing.Literal:
+            parser.add_argument(flag, dest=dest, choices=typing.get_args(annotation), default=field.default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=dest, type=typing.cast(type, annotation), default=field.default,
+                                help=help_text)
 
 
 def _int_list(text: str) -> list[int]:
@@ -190,7 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     spec = spec.model_copy(update={"router": spec.router.model_copy(update={"grpc_port": args.port})})
     started = time.monotonic()
-    ray.init(namespace="grokserve", include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+    ray.init(namespace="grokserve", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              num_cpus=args.num_cpus or session.local_cpus(spec))
     session.quiet_ray_logs()
     try:
@@ -225,18 +257,10 @@ def _dispatch_tls_args(p: argparse.ArgumentParser, cert_help: str) -> None:
     p.add_argument("--dispatch-server-name", help="name routers expect in worker certificates (default: address)")
 
 
-def dispatch_tls(args: argparse.Namespace):
-    from grokserve.workers.tls import TlsFiles
-
-    given = [args.dispatch_ca, args.dispatch_cert, args.dispatch_key]
-    if not any(given):
-        return None
-    if not all(given):
-        raise ValueError("dispatch mTLS needs --dispatch-ca, --dispatch-cert and --dispatch-key together")
-    return TlsFiles(args.dispatch_cert, args.dispatch_key, args.dispatch_ca, args.dispatch_server_name)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from grokserve.router.settings import DispatchSettings, EngineLimits
+    from grokserve.workers.server import WorkerSettings
+
     parser = argparse.ArgumentParser(prog="grokserve", description="Expert-parallel serving of Grok-1.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -272,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="port (0 = pick a free one and print it)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    p.add_argument("--max-rows", type=int, default=4096, help="largest number of rows accepted per message")
+    add_settings_options(p, WorkerSettings, only=("max_rows",))
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0 = any port)")
     p.add_argument("--shard-name", default="standalone", help="the shard label on this worker's metrics")
@@ -288,16 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--transport", default="stream", choices=("stream", "unary"), help="dispatch transport")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
-    p.add_argument("--max-running", type=int, default=64, help="sequences per engine step")
-    p.add_argument("--max-step-tokens", type=int, default=512, help="tokens per engine step")
-    p.add_argument("--kv-cache-mb", type=int, default=64, help="KV cache memory budget (MiB)")
-    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    add_settings_options(p, EngineLimits)
+    add_settings_options(p, DispatchSettings, prefix="dispatch")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0 = any port)")
-    p.add_argument("--micro-batch-overlap", action="store_true",
-                   help="split each engine step in two halves whose dispatch and attention overlap")
     p.add_argument("--tls-cert", help="serve the client API over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="the certificate's private key (PEM)")
     p.add_argument("--tokens-file", help="require `authorization: Bearer <token>`, tokens one per line")

@@ -43,5 +43,5 @@ class ShardRegistry:
 
 def get_registry():
     """The cluster's registry actor, created on first use (detached: it outlives any one replica)."""
-    return ShardRegistry.options(name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, get_if_exists=True,
-                                 lifetime="detached").remote()
+    return ShardRegistry.options(  # type: ignore[attr-defined]  # added by @ray.remote
+        name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, get_if_exists=True, lifetime="detached").remote()

@@ -12,8 +12,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from grokserve.cluster.placement import PlacementPlan, Shard, auto_plan
 from grokserve.model.config import GrokConfig
+from grokserve.router.settings import DispatchSettings, EngineLimits
+from grokserve.transport.placement import PlacementPlan, Shard, auto_plan, parse_indices
+from grokserve.transport.tls import TlsFiles
+from grokserve.workers.server import WorkerSettings
 
 DEMO = "demo"
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
@@ -53,48 +56,16 @@ class ModelSpec(_Strict):
         return DEMO_CHECKPOINT if self.checkpoint == DEMO else Path(self.checkpoint)
 
 
-class Limits(_Strict):
-    max_queue: int = Field(default=256, ge=1)
-    max_running: int = Field(default=64, ge=1)
-    max_step_tokens: int = Field(default=512, ge=1)
-    kv_cache_mb: int = Field(default=64, ge=1)
-    max_tokens_limit: int = Field(default=4096, ge=1)
-    micro_batch_overlap: bool = False
-
-
 class RouterSpec(_Strict):
     replicas: int = Field(default=1, ge=1)
     host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=1, le=65535)
-    transport: Literal["stream", "unary"] = "stream"
-    dispatch_deadline_s: float = Field(default=10.0, gt=0)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     threads: int = Field(default=0, ge=0, description="torch threads per router (0 = torch default)")
     metrics_port: int | None = Field(default=9464, ge=0, le=65535,
                                      description="first /metrics port of router replicas on a node (null = off)")
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
-    limits: Limits = Field(default_factory=Limits)
-
-
-def _parse_indices(value: Any) -> tuple[int, ...]:
-    """'0-3' | '0,2,4' | [0, 1] | 5 → sorted indices."""
-    if isinstance(value, int):
-        return (value,)
-    if isinstance(value, list | tuple):
-        return tuple(sorted({int(v) for v in value}))
-    if isinstance(value, str):
-        out: set[int] = set()
-        for part in value.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                if int(hi) < int(lo):
-                    raise ValueError(f"range '{part}' runs backwards")
-                out.update(range(int(lo), int(hi) + 1))
-            elif part:
-                out.add(int(part))
-        if out:
-            return tuple(sorted(out))
-    raise ValueError(f"expected indices like '0-3', '0,2' or a list, got {value!r}")
+    limits: EngineLimits = Field(default_factory=EngineLimits)
 
 
 class ShardSpec(_Strict):
@@ -107,12 +78,12 @@ class ShardSpec(_Strict):
     @field_validator("experts", mode="before")
     @classmethod
     def _experts(cls, v: Any) -> tuple[int, ...]:
-        return _parse_indices(v)
+        return parse_indices(v)
 
     @field_validator("layers", mode="before")
     @classmethod
     def _layers(cls, v: Any) -> tuple[int, ...] | str:
-        return v if v == "all" else _parse_indices(v)
+        return v if v == "all" else parse_indices(v)
 
 
 class ExpertsSpec(_Strict):
@@ -121,7 +92,7 @@ class ExpertsSpec(_Strict):
     replicas: int = Field(default=1, ge=1, description="auto plan: replicas per shard")
     shards: list[ShardSpec] | None = Field(default=None, description="explicit shards (instead of workers)")
     threads: int = Field(default=1, ge=0, description="torch threads per expert worker (0 = torch default)")
-    max_rows: int = Field(default=4096, ge=1)
+    max_rows: int = Field(default=WorkerSettings.model_fields["max_rows"].default, ge=1)
     metrics_port: int | None = Field(default=9470, ge=0, le=65535,
                                      description="first /metrics port of expert replicas on a node (null = off)")
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
@@ -153,15 +124,11 @@ class SecuritySpec(_Strict):
     tokens_file: str | None = Field(default=None, description="bearer tokens, one per line (a mounted Secret)")
     dispatch_mtls: MutualTlsSpec | None = Field(default=None, description="mutual TLS between routers and workers")
 
-    def dispatch_tls(self):
-        from grokserve.workers.tls import TlsFiles
-
+    def dispatch_tls(self) -> TlsFiles | None:
         m = self.dispatch_mtls
         return TlsFiles(m.cert_file, m.key_file, m.ca_file, m.server_name) if m else None
 
-    def client_tls_files(self):
-        from grokserve.workers.tls import TlsFiles
-
+    def client_tls_files(self) -> TlsFiles | None:
         return TlsFiles(self.client_tls.cert_file, self.client_tls.key_file) if self.client_tls else None
 
 
@@ -179,7 +146,7 @@ class ClusterSpec(_Strict):
         e = self.experts
         if e.shards is None:
             return auto_plan(config, e.workers or 1, e.layer_groups, e.replicas)
-        shards = [Shard(name=s.name, layers=tuple(range(config.n_layers)) if s.layers == "all" else s.layers,
+        shards = [Shard(name=s.name, layers=s.layers if isinstance(s.layers, tuple) else tuple(range(config.n_layers)),
                         experts=s.experts, replicas=s.replicas) for s in e.shards]
         return PlacementPlan(shards=tuple(shards)).check(config)
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-DType = Literal["float32", "bfloat16"]
 
 
 class GrokConfig(BaseModel):
@@ -69,9 +67,6 @@ class GrokConfig(BaseModel):
     def kv_width(self) -> int:
         return self.n_kv_heads * self.head_dim
 
-    def expert_param_count(self) -> int:
-        return 3 * self.d_model * self.ffn_size
-
     # ---- persistence -------------------------------------------------------------------------
 
     def to_json(self) -> str:
@@ -120,7 +115,7 @@ class GrokConfig(BaseModel):
         )
 
 
-_GROK1_CONSTANTS = dict(
+_GROK1_CONSTANTS: dict[str, Any] = dict(
     embedding_multiplier=78.38367176906169,
     output_multiplier=0.5773502691896257,
     attn_logit_multiplier=0.08838834764831845,

@@ -19,9 +19,11 @@ from grokserve.model.weights import ATTN_MATRICES, NORMS, Param, embed_name, fin
 
 
 class ExpertBackend(Protocol):
-    def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor
-                ) -> torch.Tensor:
-        """hidden [N, D], expert_ids [N, K], gates f32 [N, K] → gate-weighted expert sum [N, D]."""
+    """Where a layer's MoE rows go: experts in this process (`LocalExperts`) or a dispatcher to workers."""
+
+    async def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                      expert_probs: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D], expert_ids [N, K], expert_probs f32 [N, K] → probability-weighted expert sum [N, D]."""
         ...
 
 
@@ -50,10 +52,6 @@ class DenseModel:
         self.embedding_multiplier = _multiplier(config.embedding_multiplier, dtype)
         self.output_multiplier = _multiplier(config.output_multiplier, dtype)
 
-    def resident_bytes(self) -> int:
-        tensors = [self.embed, self.embed_act, self.final_norm, *(t for w in self.layers for t in w.values())]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     # ---- the pieces of one layer ----------------------------------------------------------------
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -76,11 +74,11 @@ class DenseModel:
         return h + layers.rms_norm(a, w["attn_post_norm"], c.rms_eps)
 
     def moe_input(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [N, D] → (normed x [N, D], expert_ids [N, K], gates f32 [N, K])."""
+        """h [N, D] → (normed x [N, D], expert_ids [N, K], expert_probs f32 [N, K])."""
         w = self.layers[layer]
         x = layers.rms_norm(h, w["moe_norm"], self.config.rms_eps)
-        expert_ids, gates = layers.route(x, w["router"], self.config.n_experts_per_token)
-        return x, expert_ids, gates
+        expert_ids, expert_probs = layers.select_experts(x, w["router"], self.config.n_experts_per_token)
+        return x, expert_ids, expert_probs
 
     def moe_output(self, layer: int, h: torch.Tensor, moe_out: torch.Tensor) -> torch.Tensor:
         """h [N, D] + post_norm(moe_out [N, D])."""
@@ -95,58 +93,41 @@ class DenseModel:
 class GrokModel:
     """Dense model + an expert backend = the whole Grok-1 forward for one engine step.
 
-    The layer loop is written once, as a coroutine that awaits the expert backend. In-process backends
-    never suspend, so `forward` drives it synchronously; a backend with its own event loop (the gRPC
-    dispatcher) runs the whole step on that loop, so each layer's all-to-all costs no thread hop.
+    The layer loop is a coroutine that awaits the expert backend in every MoE layer: in-process experts
+    answer at once, a dispatcher's answer arrives over the network while the event loop serves other work.
+    Whoever calls `forward` owns the event loop it runs on (and gives the same loop to a dispatcher).
     """
 
     def __init__(self, dense: DenseModel, experts: ExpertBackend):
         self.dense = dense
         self.experts = experts
         self.config = dense.config
-        self.route_observer: Callable[[int, torch.Tensor], None] | None = None  # (layer, expert_ids) → metrics
+        # (layer, expert_ids [N, K]) after each MoE router decision: per-expert load metrics
+        self.expert_choice_observer: Callable[[int, torch.Tensor], None] | None = None
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
-                cache: KVCache, cache_rows: torch.Tensor) -> torch.Tensor:
-        """tokens/positions [B, T], query_valid bool [B, T] (False = padding) → hidden [B, T, D] (pre-head)."""
-        step = self.forward_async(tokens, positions, query_valid, cache, cache_rows)
-        run_on_loop = getattr(self.experts, "run", None)
-        if run_on_loop is not None:
-            return run_on_loop(step)
-        with torch.inference_mode():
-            try:
-                step.send(None)
-            except StopIteration as done:
-                return done.value
-        step.close()
-        raise RuntimeError("the expert backend suspended; give it a `run(coroutine)` method")
+    async def forward(self, tokens: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
+                      cache: KVCache, storage: torch.Tensor) -> torch.Tensor:
+        """One engine step. tokens/positions [B, T]; query_valid bool [B, T] (False = padding, whose outputs
+        are never read); `storage` says where the rows live in `cache` (see KVCache.begin_step)
+        → hidden [B, T, D] (pre-head).
 
-    async def forward_async(self, tokens: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
-                            cache: KVCache, cache_rows: torch.Tensor) -> torch.Tensor:
-        """One engine step. A key is visible when it is a real token (id ≠ pad, as the reference masks pad
-        ids) at a position ≤ the query's. Padding rows are left out of the MoE (their outputs are never read).
+        A key is visible when it is a real token (id ≠ pad, as the reference masks pad ids) at a position ≤
+        the query's. Padding rows are left out of the MoE.
         """
         c, dense = self.config, self.dense
         key_valid = query_valid & (tokens != c.pad_id)
-        kv = cache.begin_step(cache_rows, positions, key_valid)  # this call's mask and K/V writer
+        kv = cache.begin_step(storage, positions, query_valid, key_valid)  # this call's mask and K/V writer
         cos, sin = layers.rope_cos_sin(positions, c.head_dim, c.rope_base)
         h = dense.embed_tokens(tokens)  # [B, T, D]
         flat_valid = query_valid.reshape(-1)
         for layer in range(c.n_layers):
             h = dense.attention_block(layer, h, cos, sin, kv)
             h_rows = h.reshape(-1, c.d_model)[flat_valid]  # [N, D] real tokens only
-            x, expert_ids, gates = dense.moe_input(layer, h_rows)
-            if self.route_observer is not None:
-                self.route_observer(layer, expert_ids)
-            moe_out = await self._experts(layer, x, expert_ids, gates)  # [N, D]
+            x, expert_ids, expert_probs = dense.moe_input(layer, h_rows)
+            if self.expert_choice_observer is not None:
+                self.expert_choice_observer(layer, expert_ids)
+            moe_out = await self.experts.forward(layer, x, expert_ids, expert_probs)  # [N, D]
             h = h.view(-1, c.d_model)  # fresh from the attention block: safe to update in place
             h[flat_valid] = dense.moe_output(layer, h_rows, moe_out)
             h = h.view(tokens.shape[0], tokens.shape[1], c.d_model)
         return h
-
-    async def _experts(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor
-                       ) -> torch.Tensor:
-        forward_async = getattr(self.experts, "forward_async", None)
-        if forward_async is not None:
-            return await forward_async(layer, x, expert_ids, gates)
-        return self.experts.forward(layer, x, expert_ids, gates)

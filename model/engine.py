@@ -5,28 +5,23 @@ Every distributed path (dispatcher, router, cluster) is tested against this; ben
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from grokserve.model.checkpoint import LoadedCheckpoint, read_checkpoint
 from grokserve.model.config import GrokConfig
 from grokserve.model.dense import DenseModel, ExpertBackend, GrokModel
-from grokserve.model.experts import ExpertModule
+from grokserve.model.dtypes import torch_dtype
+from grokserve.model.experts import LocalExperts
 from grokserve.model.kv_cache import ContiguousKVCache
 from grokserve.model.sampling import SampledToken, SamplingParams, finish_reason, make_generator, sample
 from grokserve.model.text_stream import TextStream
 from grokserve.model.tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{name}'") from None
 
 
 @dataclass
@@ -39,11 +34,30 @@ class Generation:
 
 
 class ReferenceEngine:
-    def __init__(self, model: GrokModel, tokenizer: Tokenizer | None = None, prefill_chunk: int | None = None):
+    """Generate or score on one device, one whole batch at a time (no scheduler, contiguous KV cache).
+
+    `loop`: the event loop, running in another thread, that the expert backend lives on (a dispatcher's);
+    without one the engine runs each step on an event loop of its own, in the calling thread.
+    """
+
+    def __init__(self, model: GrokModel, tokenizer: Tokenizer | None = None, prefill_chunk: int | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self.model = model
         self.config: GrokConfig = model.config
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
+        self.loop = loop
+        self._own_loop = asyncio.new_event_loop() if loop is None else None
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
+             cache: ContiguousKVCache, rows: torch.Tensor) -> torch.Tensor:
+        """One forward call (GrokModel.forward) over cache rows [B], run to completion → hidden [B, T, D]."""
+        step = self.model.forward(tokens, positions, query_valid, cache, rows)
+        if self._own_loop is not None:
+            with torch.inference_mode():
+                return self._own_loop.run_until_complete(step)
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(_without_grad(step), self.loop).result()
 
     @classmethod
     def from_loaded(cls, ckpt: LoadedCheckpoint, dtype: str = "float32", experts: ExpertBackend | None = None,
@@ -52,7 +66,7 @@ class ReferenceEngine:
         dense = DenseModel(ckpt.config, dt, ckpt.params, device)
         if experts is None:
             everything = {layer: range(ckpt.config.n_experts) for layer in range(ckpt.config.n_layers)}
-            experts = ExpertModule(ckpt.config, everything, dt, ckpt.params, device)
+            experts = LocalExperts(ckpt.config, everything, dt, ckpt.params, device)
         tokenizer = Tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
         return cls(GrokModel(dense, experts), tokenizer, prefill_chunk)
 
@@ -129,8 +143,8 @@ class ReferenceEngine:
             step_rows = torch.tensor(active)
             tokens = torch.tensor([[results[r].token_ids[-1]] for r in active], device=self.device)
             pos = positions[step_rows][:, None].to(self.device)  # [B', 1]
-            hidden = self.model.forward(tokens, pos, torch.ones_like(tokens, dtype=torch.bool), cache,
-                                        step_rows.to(self.device))
+            hidden = self.step(tokens, pos, torch.ones_like(tokens, dtype=torch.bool), cache,
+                                   step_rows.to(self.device))
             logits = self.model.dense.head(hidden[:, 0])
             positions[step_rows] += 1
         if self.tokenizer is not None:
@@ -150,7 +164,7 @@ class ReferenceEngine:
             stop = min(start + chunk, width)
             positions = torch.arange(start, stop, device=self.device).expand(rows, -1)  # [B, C]
             query_valid = positions < lengths.to(self.device)[:, None]
-            outputs.append(self.model.forward(tokens[:, start:stop], positions, query_valid, cache, all_rows))
+            outputs.append(self.step(tokens[:, start:stop], positions, query_valid, cache, all_rows))
         return torch.cat(outputs, dim=1)
 
     def _encode(self, prompt: list[int] | str) -> list[int]:
@@ -171,3 +185,8 @@ class ReferenceEngine:
             raise ValueError(f"{field_name}: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         if len(ids) > self.config.max_seq_len:
             raise ValueError(f"{field_name}: {len(ids)} tokens exceed the context length {self.config.max_seq_len}")
+
+
+async def _without_grad(step: Coroutine[Any, Any, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return await step

@@ -1,7 +1,8 @@
 """The expert half of the model: any subset of (layer, expert) FFNs, computed with rows grouped by expert.
 
 Expert workers hold one of these for their shard; the router holds one with every expert when it runs
-the experts in process. Input rows carry their expert ids and gates; output is the gate-weighted sum.
+the experts in process (then it is the `ExpertBackend` itself). Input rows carry their expert ids and the
+router's probability of each; output is the probability-weighted sum.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ class ExpertShardError(ValueError):
     """A request names a (layer, expert) that this module does not hold."""
 
 
-class ExpertModule:
-    """Stacked weights per layer for the experts this shard holds.
+class LocalExperts:
+    """The experts of one shard, in this process: stacked weights per layer, and their FFN computation.
 
     For layer L: w_gate/w_up [E_L, F, D], w_down [E_L, D, F], and `local_index[L][e]` = row of expert e
     in the stacks (-1 when not held).
@@ -52,17 +53,19 @@ class ExpertModule:
             index[list(experts)] = torch.arange(len(experts))
             self.local_index[layer] = index  # host-side: routing plans are made on the host
 
-    def holds(self, layer: int, expert: int) -> bool:
-        return expert in self.shard.get(layer, ())
-
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for stack in self.stacks.values() for t in stack.values())
 
-    def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """hidden [N, D], expert_ids int [N, K] (NO_EXPERT slots skipped), gates f32 [N, K] → [N, D].
+    async def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_probs: torch.Tensor
+                      ) -> torch.Tensor:
+        """The `ExpertBackend` interface for experts in process: `compute`, which never waits."""
+        return self.compute(layer, hidden, expert_ids, expert_probs)
 
-        Σ_k bf16-rounded-gate · expert(x) accumulated in f32, rounded once to `out_dtype` (docs/grok1.md §3).
+    def compute(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_probs: torch.Tensor,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """hidden [N, D], expert_ids int [N, K] (NO_EXPERT slots skipped), expert_probs f32 [N, K] → [N, D].
+
+        Σ_k bf16-rounded-prob · expert(x) accumulated in f32, rounded once to `out_dtype` (docs/grok1.md §3).
         Rows are grouped by expert: one gathered matmul chain per held expert, no per-token loop.
         """
         if layer not in self.stacks:
@@ -72,8 +75,8 @@ class ExpertModule:
         out = torch.zeros(n_rows, self.config.d_model, dtype=torch.float32, device=hidden.device)  # [N, D]
         if n_rows == 0:
             return out.to(out_dtype or self.dtype)
-        # The reference rounds the gate probability to the activation dtype before multiplying.
-        gates = gates.to(self.dtype).float()
+        # The reference rounds the probability to the activation dtype before multiplying.
+        probs = expert_probs.to(self.dtype).float()
         # The routing plan is made on the host (ids arrive there on a worker): no device sync in a layer.
         flat_ids = expert_ids.reshape(-1).cpu()  # [N·K]
         valid = flat_ids != NO_EXPERT
@@ -86,7 +89,7 @@ class ExpertModule:
         start = int((local < 0).sum())
         order = order.to(hidden.device, non_blocking=True)
         k = expert_ids.shape[1]
-        flat_gates = gates.reshape(-1)
+        flat_probs = probs.reshape(-1)
         for idx, count in enumerate(counts):
             if count == 0:
                 continue
@@ -95,5 +98,5 @@ class ExpertModule:
             rows = slots // k
             y = layers.expert_ffn(hidden[rows], stack["w_gate"][idx], stack["w_up"][idx], stack["w_down"][idx],
                                   self.fast_down)
-            out.index_add_(0, rows, y * flat_gates[slots, None])
+            out.index_add_(0, rows, y * flat_probs[slots, None])
         return out.to(out_dtype or self.dtype)

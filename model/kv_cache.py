@@ -34,8 +34,12 @@ def causal_mask(visible: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(Protocol):
-    def begin_step(self, rows: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> StepKV:
-        """Declare a forward call over cache rows [B] at positions [B, T]; key_valid bool [B, T]."""
+    def begin_step(self, storage: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
+                   key_valid: torch.Tensor) -> StepKV:
+        """Declare a forward call of B rows at positions [B, T]. `storage` says where each row's keys live:
+        row ids [B] in a contiguous cache, block tables [B, max_blocks] in a paged one. query_valid bool
+        [B, T] is False on padding (its K/V must not land in any sequence's storage); key_valid bool [B, T]
+        is True where a real, non-pad token is written."""
         ...
 
 
@@ -53,7 +57,11 @@ class ContiguousKVCache:
         self.key_valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
 
-    def begin_step(self, rows: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> StepKV:
+    def begin_step(self, storage: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
+                   key_valid: torch.Tensor) -> StepKV:
+        """storage = row ids [B]. Padding (right-padded prompts) lies past each row's real tokens in its own
+        row, written invalid and overwritten when the row grows: harmless."""
+        rows = storage
         if int(positions.max()) >= self.max_len or int(positions.min()) < 0:
             raise ValueError(f"positions must lie in [0, {self.max_len}); got up to {int(positions.max())}")
         row_index = rows[:, None].expand_as(positions)  # [B, T]

@@ -61,15 +61,17 @@ def attention(
     return out.reshape(batch, steps, n_q * head_dim)
 
 
-def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [N, D] (pre-MoE norm output), router_weight f32 [E, D] → expert_ids int64 [N, K], gates f32 [N, K].
+def select_experts(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE router: hidden [N, D] (pre-MoE norm output), router_weight f32 [E, D] → expert_ids int64 [N, K]
+    and expert_probs f32 [N, K], the probability of each chosen expert (the reference's "gate").
 
     f32 softmax over all experts, then the top-k probabilities *without* renormalisation (docs/grok1.md §2).
     Ties go to the lower expert index, as jax.lax.top_k does.
     """
     probs = torch.softmax(F.linear(hidden.float(), router_weight.float()), dim=-1)  # [N, E]
-    gates, expert_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-    return expert_ids[:, :top_k].contiguous(), gates[:, :top_k].contiguous()
+    expert_probs, expert_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+    return expert_ids[:, :top_k].contiguous(), expert_probs[:, :top_k].contiguous()
 
 
 def expert_ffn(

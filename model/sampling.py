@@ -11,6 +11,22 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_STOP_STRINGS = 8
+MAX_STOP_STRING_CHARS = 128
+MAX_STOP_TOKEN_IDS = 32
+MAX_LOGPROBS = 20
+# Temperatures below this sample greedily: dividing logits by a tiny or subnormal temperature overflows
+# float32 to inf and the softmax to NaN, and the distribution is a point mass long before that anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+class ParameterError(ValueError):
+    """A sampling parameter is out of range; `field` names it (→ INVALID_ARGUMENT at the API)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,21 +40,31 @@ class SamplingParams:
     logprobs: int = 0  # top-n logprobs to report per generated token
     ignore_eos: bool = False
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
+
     def validate(self, vocab_size: int) -> None:
-        """Raise ValueError naming the field for any value a request may not carry."""
+        """The one check of every sampling field: raise ParameterError naming the first invalid one."""
         if self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
+            raise ParameterError("max_tokens", f"must be > 0, got {self.max_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number ≥ 0, got {self.temperature}")
+            raise ParameterError("temperature", f"must be a finite number ≥ 0, got {self.temperature}")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ParameterError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be ≥ 0, got {self.top_k}")
-        if self.logprobs < 0 or self.logprobs > 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+            raise ParameterError("top_k", f"must be ≥ 0, got {self.top_k}")
+        if not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ParameterError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ParameterError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise ParameterError("stop", f"each stop string must have 1 to {MAX_STOP_STRING_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ParameterError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS}, got {len(self.stop_token_ids)}")
         for token in self.stop_token_ids:
             if not 0 <= token < vocab_size:
-                raise ValueError(f"stop_token_ids: {token} is outside the vocabulary [0, {vocab_size})")
+                raise ParameterError("stop_token_ids", f"{token} is outside the vocabulary [0, {vocab_size})")
 
 
 @dataclass
@@ -55,10 +81,14 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> SampledToken:
-    """logits f32 [V] → one token. Logprobs are of the unfiltered distribution at temperature 1."""
+    """logits f32 [V] → one token. Logprobs are of the unfiltered distribution at temperature 1.
+
+    Safe for every value `validate` accepts: tiny temperatures are greedy, huge ones flatten the
+    distribution, and the filters always keep at least the most likely token.
+    """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)  # [V]
-    if params.temperature == 0.0:
+    if params.greedy:
         token = int(torch.argmax(logits))
     else:
         scaled = logits / params.temperature
@@ -67,12 +97,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
             scaled = scaled.masked_fill(scaled < kth, -math.inf)
         if params.top_p < 1.0:
             sorted_logits, order = torch.sort(scaled, descending=True)
-            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            sorted_probs = torch.softmax(sorted_logits, dim=-1)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)
-            drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
+            drop_sorted[0] = False
             scaled = scaled.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), -math.inf)
         probs = torch.softmax(scaled, dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=generator))
+        if not bool(torch.isfinite(probs).all()):  # cannot happen for finite logits; never crash on it
+            token = int(torch.argmax(logits))
+        else:
+            token = int(torch.multinomial(probs, 1, generator=generator))
     top: list[tuple[int, float]] = []
     if params.logprobs:
         values, ids = torch.topk(logprobs, params.logprobs)

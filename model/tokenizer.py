@@ -20,7 +20,6 @@ class Tokenizer:
             self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         except (OSError, RuntimeError) as exc:
             raise ValueError(f"{model_file}: not a SentencePiece model ({exc})") from None
-        self.model_bytes = self.path.read_bytes()
 
     @property
     def vocab_size(self) -> int:

@@ -11,24 +11,23 @@ from pathlib import Path
 
 import grpc
 
-from grokserve.cluster.placement import PlacementPlan, Shard
 from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
 from grokserve.model.config import GrokConfig
-from grokserve.model.dense import DenseModel, GrokModel
-from grokserve.model.engine import torch_dtype
-from grokserve.model.experts import ExpertModule
+from grokserve.model.dense import DenseModel, ExpertBackend, GrokModel
+from grokserve.model.dtypes import torch_dtype
+from grokserve.model.experts import LocalExperts
 from grokserve.model.tokenizer import Tokenizer
-from grokserve.router.dispatcher import Dispatcher, Transport
-from grokserve.router.engine import EngineLimits, RouterEngine
+from grokserve.router.dispatcher import Dispatcher
+from grokserve.router.engine import RouterEngine
 from grokserve.router.metrics import RouterMetrics
+from grokserve.router.settings import DispatchSettings, EngineLimits
+from grokserve.transport import wire
+from grokserve.transport.errors import PlacementMismatch
+from grokserve.transport.loop_thread import LoopThread
+from grokserve.transport.placement import PlacementPlan, Shard
+from grokserve.transport.tls import TlsFiles
 from grokserve.v1 import expert_pb2 as pb
 from grokserve.v1 import expert_pb2_grpc as pb_grpc
-from grokserve.workers import wire
-from grokserve.workers.tls import TlsFiles
-
-
-class PlacementMismatch(RuntimeError):
-    pass
 
 
 def discover_plan(addresses: list[str], config: GrokConfig, timeout: float = 10.0, tls: TlsFiles | None = None
@@ -66,33 +65,35 @@ class Router:
     tokenizer: Tokenizer | None
     model_id: str
     dispatcher: Dispatcher | None
-    metrics: RouterMetrics | None = None
+    metrics: RouterMetrics
+    loop: LoopThread
 
     def shutdown(self) -> None:
         self.engine.shutdown()
         if self.dispatcher is not None:
             self.dispatcher.close()
+        self.loop.stop()
 
 
 def build_router(checkpoint: str | Path, dtype: str = "float32", device: str = "cpu",
                  plan: PlacementPlan | None = None, endpoints: dict[str, list[str]] | None = None,
-                 limits: EngineLimits | None = None, transport: Transport = "stream",
-                 dispatch_deadline_s: float = 10.0, metrics: bool = False,
+                 limits: EngineLimits | None = None, dispatch: DispatchSettings | None = None,
                  dispatch_tls: TlsFiles | None = None) -> Router:
-    """Load the dense half (and, without a plan, every expert) and start an engine; `metrics` collects
-    Prometheus metrics into `Router.metrics` (exposed by the caller)."""
+    """Load the dense half (and, without a plan, every expert) and start an engine. Its metrics are collected
+    into `Router.metrics.registry`; serving them (/metrics) is the caller's choice."""
     ckpt = GrokserveCheckpoint(checkpoint)
     config, dt = ckpt.config, torch_dtype(dtype)
-    router_metrics = RouterMetrics(config) if metrics else None
+    metrics = RouterMetrics(config)
     dense = DenseModel(config, dt, ckpt.load(ckpt.dense_names(), progress="loading dense weights"), device)
+    loop = LoopThread("router-engine")  # the engine's loop, handed to the dispatcher: no thread hop per layer
     dispatcher = None
+    experts: ExpertBackend
     if plan is None:  # experts in process
         everything = {layer: list(range(config.n_experts)) for layer in range(config.n_layers)}
-        experts = ExpertModule(config, everything, dt,
+        experts = LocalExperts(config, everything, dt,
                                ckpt.load(ckpt.expert_names(everything), progress="loading experts"), device)
     else:
-        experts = dispatcher = Dispatcher(config, plan, endpoints or {}, dt, deadline_s=dispatch_deadline_s,
-                                          transport=transport, metrics=router_metrics, tls=dispatch_tls)
+        experts = dispatcher = Dispatcher(config, plan, endpoints or {}, dt, loop, dispatch, metrics, dispatch_tls)
     tokenizer = Tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
-    engine = RouterEngine(GrokModel(dense, experts), limits or EngineLimits(), router_metrics)
-    return Router(engine, tokenizer, wire.model_id(config), dispatcher, router_metrics)
+    engine = RouterEngine(GrokModel(dense, experts), limits or EngineLimits(), metrics, loop)
+    return Router(engine, tokenizer, wire.model_id(config), dispatcher, metrics, loop)

@@ -1,8 +1,10 @@
-"""The router's engine loop: scheduler → one batched forward (dense here, experts via the backend) → sample.
+"""The router's engine loop: scheduler → model runner (dense here, experts via the backend) → sample → stream.
 
-It runs as a task on one event loop (the dispatcher's, so per-layer dispatch needs no thread hop). The
-gRPC service submits and cancels sequences from its own thread; outputs go back through each
-sequence's sink. A failed step (a dead shard) fails only the sequences in that step.
+It runs as a task on the engine's event loop; a dispatcher to remote experts is handed the same loop, so
+per-layer dispatch needs no thread hop. The gRPC service submits and cancels sequences from its own
+thread; outputs go back through each sequence's sink. A failure that belongs to one sequence (sampling,
+detokenisation) ends that sequence alone; a failed forward pass (a dead shard) fails only the sequences
+of that step.
 """
 
 from __future__ import annotations
@@ -19,25 +21,17 @@ import torch
 
 from grokserve.model.dense import GrokModel
 from grokserve.model.sampling import finish_reason, sample
-from grokserve.router.dispatcher import ShardUnavailable
+from grokserve.router.errors import RequestTimedOut, RouterShuttingDown, SequenceFailed, StepFailed
 from grokserve.router.kv_blocks import BlockAllocator, PagedKVCache, kv_bytes_per_token
-from grokserve.router.loop_thread import LoopThread
 from grokserve.router.metrics import RouterMetrics
-from grokserve.router.scheduler import QueueFull, ScheduledChunk, Scheduler
+from grokserve.router.model_runner import ModelRunner, StepResult
+from grokserve.router.scheduler import Scheduler, SchedulerOutput
 from grokserve.router.sequence import Sequence, StepOutput
+from grokserve.router.settings import EngineLimits
+from grokserve.transport.errors import DispatchError, PlacementMismatch, ShardUnavailable
+from grokserve.transport.loop_thread import LoopThread
 
-log = logging.getLogger("grokserve.engine")
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_queue: int = 256  # waiting requests before RESOURCE_EXHAUSTED
-    max_running: int = 64  # sequences in one batch
-    max_step_tokens: int = 512  # tokens computed per engine step (decode + prefill chunks)
-    kv_cache_bytes: int = 64 << 20  # fixed KV memory budget
-    block_size: int = 16  # tokens per KV block
-    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
-    micro_batch_overlap: bool = False  # split each step in two halves that overlap dispatch and attention
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,35 +43,38 @@ class StepRecord:
 
 
 class RouterEngine:
-    def __init__(self, model: GrokModel, limits: EngineLimits = EngineLimits(), metrics: RouterMetrics | None = None):
+    """`loop`: the event loop the engine runs on, shared with the expert dispatcher (which must be built on
+    it); without one the engine starts a loop of its own and stops it at shutdown."""
+
+    def __init__(self, model: GrokModel, limits: EngineLimits | None = None, metrics: RouterMetrics | None = None,
+                 loop: LoopThread | None = None):
+        limits = limits or EngineLimits()
         self.model = model
-        self.metrics = metrics
-        if metrics is not None:
-            model.route_observer = lambda layer, ids: metrics.routing.observe(layer, ids, self.config.n_experts)
-            metrics.queue_capacity.set(limits.max_queue)
         self.config = model.config
         self.limits = limits
+        self.metrics = metrics or RouterMetrics(self.config)
+        model.expert_choice_observer = self.metrics.expert_choices.observe
+        self.metrics.queue_capacity.set(limits.max_queue)
         dtype = model.dense.dtype
         num_blocks = max(2, limits.kv_cache_bytes // (kv_bytes_per_token(self.config, dtype) * limits.block_size))
         self.allocator = BlockAllocator(num_blocks, limits.block_size)
         self.cache = PagedKVCache(self.config, num_blocks, limits.block_size, dtype, model.dense.device)
+        self.runner = ModelRunner(model, self.cache)
         self.scheduler = Scheduler(self.allocator, limits.max_queue, limits.max_running, limits.max_step_tokens,
                                    on_free=self.cache.clear_blocks)
-        # Steps run on the dispatcher's loop when experts are remote, else on a loop of our own.
-        run_on = getattr(model.experts, "_io", None)
-        self._own_loop = None if run_on is not None else LoopThread("engine")
-        self.io: LoopThread = run_on if run_on is not None else self._own_loop
+        self._owns_loop = loop is None
+        self.loop: LoopThread = loop if loop is not None else LoopThread("router-engine")
         self._lock = threading.Lock()  # guards the scheduler between the service thread and the loop
-        self._wake = asyncio.Event()
         self._stopping = False
         self.steps = 0
         self.recent_steps: collections.deque[StepRecord] = collections.deque(maxlen=1024)
         self._preemptions_seen = 0
-        self._task = self.io.run(self._start())
+        self._wake: asyncio.Event
+        self._task: asyncio.Task = self.loop.run(self._start())
 
     async def _start(self) -> asyncio.Task:
-        self._wake = asyncio.Event()
-        return asyncio.get_running_loop().create_task(self._run())
+        self._wake = asyncio.Event()  # created on the engine's loop, before the loop task can look for it
+        return asyncio.get_running_loop().create_task(self._run(), name="router-engine")
 
     # ---- called from the service's thread -----------------------------------------------------
 
@@ -85,18 +82,30 @@ class RouterEngine:
     def capacity_tokens(self) -> int:
         return self.allocator.capacity_tokens
 
+    def is_alive(self) -> bool:
+        """The engine loop is running (it ends only at shutdown or on a bug)."""
+        return not self._task.done()
+
+    def failure(self) -> str:
+        """Why the engine loop ended ('' while it runs)."""
+        if not self._task.done():
+            return ""
+        if self._task.cancelled():
+            return "cancelled"
+        exc = self._task.exception()
+        return f"{type(exc).__name__}: {exc}" if exc else "stopped"
+
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; raises QueueFull at the bound."""
         with self._lock:
             self.scheduler.add(seq)
-        if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        self.io.loop.call_soon_threadsafe(self._wake.set)
+        self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+        self.loop.loop.call_soon_threadsafe(self._wake.set)
 
     def cancel(self, seq: Sequence) -> None:
         """The sequence leaves the batch before the next step; its blocks are freed then."""
         seq.cancelled = True
-        self.io.loop.call_soon_threadsafe(self._wake.set)
+        self.loop.loop.call_soon_threadsafe(self._wake.set)
 
     def load(self) -> dict[str, float]:
         with self._lock:
@@ -105,12 +114,13 @@ class RouterEngine:
                     "total_blocks": self.allocator.num_blocks - 1}
 
     def shutdown(self) -> None:
+        """Finish the loop: requests still running or waiting end with UNAVAILABLE."""
         self._stopping = True
-        self.io.loop.call_soon_threadsafe(self._wake.set)
+        self.loop.loop.call_soon_threadsafe(self._wake.set)
         with contextlib.suppress(Exception):  # best effort at shutdown
-            self.io.run(asyncio.wait_for(asyncio.shield(self._task), 10))
-        if self._own_loop is not None:
-            self._own_loop.stop()
+            self.loop.run(asyncio.wait_for(asyncio.shield(self._task), 10))
+        if self._owns_loop:
+            self.loop.stop()
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -119,35 +129,54 @@ class RouterEngine:
         torch.set_grad_enabled(False)
         while not self._stopping:
             with self._lock:
-                self._drop_cancelled()
-                plan = self.scheduler.schedule()
+                self._drop_ended()
+                scheduled = self.scheduler.schedule()
                 self._update_gauges()
-            if not plan:
+            if not scheduled:
                 self._wake.clear()
-                await self._wake.wait()
+                await self._wait_for_work()
                 continue
             try:
-                await self._step(plan)
-            except ShardUnavailable as exc:
-                self._fail(plan, "UNAVAILABLE", str(exc))
+                result = await self.runner.execute(scheduled, 2 if self.limits.micro_batch_overlap else 1)
+            except (ShardUnavailable, PlacementMismatch) as exc:
+                self._fail(scheduled, exc)
+            except DispatchError as exc:
+                log.error("a worker refused this router's message (a bug): %s", exc)
+                self._fail(scheduled, exc)
             except Exception as exc:  # a bug must not kill the engine: fail this step's requests, go on
                 log.exception("engine step failed")
-                self._fail(plan, "INTERNAL", f"engine step failed: {type(exc).__name__}: {exc}")
+                self._fail(scheduled, StepFailed(f"engine step failed: {type(exc).__name__}: {exc}"))
+            else:
+                self._finish_step(scheduled, result)
             with self._lock:
                 self._update_gauges()
             await asyncio.sleep(0)  # let cancellations and submissions in
         with self._lock:
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-                self._finish(seq, StepOutput(error=("UNAVAILABLE", "router is shutting down")))
+                self._finish(seq, StepOutput(error=RouterShuttingDown("router is shutting down")))
 
-    def _drop_cancelled(self) -> None:
-        for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.cancelled]:
-            self._finish(seq, StepOutput(finish_reason="cancelled"))
-
-    def _fail(self, plan: list[ScheduledChunk], code: str, message: str) -> None:
+    async def _wait_for_work(self) -> None:
+        """Sleep until a submission or cancellation, or until the earliest waiting deadline passes."""
         with self._lock:
-            for chunk in plan:
-                self._finish(chunk.seq, StepOutput(error=(code, message)))
+            deadlines = [s.deadline for s in (*self.scheduler.running, *self.scheduler.waiting)]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _drop_ended(self) -> None:
+        """Cancelled sequences and those past their deadline leave before the next step. Caller holds the lock."""
+        now = time.monotonic()
+        for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.cancelled or s.deadline <= now]:
+            if seq.cancelled:
+                self._finish(seq, StepOutput(finish_reason="cancelled"))
+            else:
+                self._finish(seq, StepOutput(error=RequestTimedOut(
+                    f"request deadline passed after {now - seq.arrival:.2f}s in the router")))
+
+    def _fail(self, scheduled: SchedulerOutput, error: Exception) -> None:
+        with self._lock:
+            for chunk in scheduled.chunks:
+                self._finish(chunk.seq, StepOutput(error=error))
 
     def _finish(self, seq: Sequence, output: StepOutput) -> None:
         """Remove a sequence (blocks freed now) and send its last message. Caller holds the lock."""
@@ -156,80 +185,36 @@ class RouterEngine:
         seq.finished = True
         self.scheduler.remove(seq)
         now = time.monotonic()
-        m = self.metrics
-        if m is not None:
-            m.requests.labels(output.finish_reason or "error").inc()
-            m.e2e.observe(now - seq.arrival)
-            if seq.first_scheduled is not None:
-                m.queue_time.observe(seq.first_scheduled - seq.arrival)
+        m = self.metrics  # the request itself is counted once, where its RPC ends (service.py)
+        m.e2e.observe(now - seq.arrival)
+        if seq.first_scheduled is not None:
+            m.queue_time.observe(seq.first_scheduled - seq.arrival)
         output.prompt_tokens = len(seq.prompt_ids)
         output.completion_tokens = len(seq.output_ids)
         for key, value in seq.timings(now).items():
             setattr(output, key, value)
         seq.sink(output)
 
-    async def _step(self, plan: list[ScheduledChunk]) -> None:
-        rows = len(plan)
-        max_blocks = max(len(chunk.seq.blocks) for chunk in plan)
-        tables = torch.zeros(rows, max_blocks, dtype=torch.int64)
-        for b, chunk in enumerate(plan):
-            tables[b, :len(chunk.seq.blocks)] = torch.tensor(chunk.seq.blocks)
-        self.cache.tables = tables.to(self.model.dense.device)
-        sentinel = max_blocks * self.limits.block_size  # padding positions land in the null block
-        # Micro-batch overlap (two-batch ping-pong): while one half waits for its experts, the other half
-        # computes attention on this loop. Only worth it when experts are remote.
-        halves = [list(range(rows))]
-        if self.limits.micro_batch_overlap and rows >= 2 and self._own_loop is None:
-            halves = [list(range(rows // 2)), list(range(rows // 2, rows))]
-        outputs = await asyncio.gather(*(self._forward_rows(plan, idx, sentinel) for idx in halves))
+    def _finish_step(self, scheduled: SchedulerOutput, result: StepResult) -> None:
         self.steps += 1
-        record = StepRecord(tokens=sum(tokens for _, tokens in outputs),
-                            decode_sequences=sum(1 for c in plan if c.start >= len(c.seq.prompt_ids)))
+        record = StepRecord(tokens=result.num_tokens, decode_sequences=sum(c.is_decode for c in scheduled.chunks))
         self.recent_steps.append(record)
-        self._record_step(record.tokens)
-        last_hidden = {}  # plan row → hidden of its last computed token
-        for idx, (hidden, _) in zip(halves, outputs, strict=True):
-            for i, b in enumerate(idx):
-                if plan[b].samples:
-                    last_hidden[b] = hidden[i, plan[b].count - 1]
-        for chunk in plan:
-            chunk.seq.num_computed = chunk.start + chunk.count
-        if not last_hidden:
-            return
-        order = sorted(last_hidden)
-        logits = self.model.dense.head(torch.stack([last_hidden[b] for b in order])).cpu()  # [S, V]
+        self.metrics.expert_choices.end_step()
+        self.metrics.step_tokens.observe(record.tokens)
+        for chunk in scheduled.chunks:
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
         with self._lock:
-            for i, b in enumerate(order):
-                self._advance(plan[b].seq, logits[i])
-
-    async def _forward_rows(self, plan: list[ScheduledChunk], idx: list[int], sentinel: int
-                            ) -> tuple[torch.Tensor, int]:
-        """Forward the chunks of plan rows `idx` (rows of the step's block tables) → hidden [b, T, D]."""
-        width = max(plan[b].count for b in idx)
-        tokens = torch.zeros(len(idx), width, dtype=torch.int64)
-        positions = torch.full((len(idx), width), sentinel, dtype=torch.int64)
-        for i, b in enumerate(idx):
-            chunk = plan[b]
-            tokens[i, :chunk.count] = torch.tensor(chunk.seq.all_ids[chunk.start:chunk.start + chunk.count])
-            positions[i, :chunk.count] = torch.arange(chunk.start, chunk.start + chunk.count)
-        query_valid = positions < sentinel
-        device = self.model.dense.device
-        hidden = await self.model.forward_async(tokens.to(device), positions.to(device), query_valid.to(device),
-                                                self.cache, torch.tensor(idx, device=device))
-        return hidden, int(query_valid.sum())
-
-    def _record_step(self, tokens: int) -> None:
-        m = self.metrics
-        if m is None:
-            return
-        m.routing.end_step()
-        m.step_tokens.observe(tokens)
+            for chunk, logits in zip(result.sampling_chunks, result.logits, strict=True):
+                try:
+                    self._advance(chunk.seq, logits)
+                except Exception as exc:  # this sequence's own failure: it ends alone, its batch goes on
+                    log.exception("sequence %s failed", chunk.seq.request_id)
+                    self._finish(chunk.seq, StepOutput(error=SequenceFailed(
+                        f"request {chunk.seq.request_id} failed: {type(exc).__name__}: {exc}")))
 
     def _update_gauges(self) -> None:
         """Batch and KV gauges, after a step's sequences have advanced or finished. Caller holds the lock."""
         m = self.metrics
-        if m is None:
-            return
         m.running.set(len(self.scheduler.running))
         m.waiting.set(len(self.scheduler.waiting))
         m.kv_usage.set(self.allocator.usage())
@@ -244,25 +229,20 @@ class RouterEngine:
         token = sample(logits, seq.params, seq.generator)
         seq.output_ids.append(token.token_id)
         now = time.monotonic()
-        if self.metrics is not None:
-            self.metrics.generation_tokens.inc()
-            if seq.first_token is None:
-                self.metrics.ttft.observe(now - seq.arrival)
-            elif seq.last_token is not None:
-                self.metrics.itl.observe(now - seq.last_token)
+        self.metrics.generation_tokens.inc()
         if seq.first_token is None:
+            self.metrics.ttft.observe(now - seq.arrival)
             seq.first_token = now
+        elif seq.last_token is not None:
+            self.metrics.itl.observe(now - seq.last_token)
         seq.last_token = now
-        text = seq.text.push(token.token_id)
-        reason = finish_reason(token.token_id, seq.params, seq.text.stopped, len(seq.output_ids), seq.num_tokens,
-                               self.config.eos_id, self.config.max_seq_len)
+        text = seq.text_stream.push(token.token_id)
+        reason = finish_reason(token.token_id, seq.params, seq.text_stream.stopped, len(seq.output_ids),
+                               seq.num_tokens, self.config.eos_id, self.config.max_seq_len)
         output = StepOutput(token_ids=[token.token_id], text=text, tokens=[token])
         if reason is None:
             seq.sink(output)
             return
-        output.text += seq.text.finish()
+        output.text += seq.text_stream.finish()
         output.finish_reason = reason
         self._finish(seq, output)
-
-
-__all__ = ["EngineLimits", "QueueFull", "RouterEngine"]

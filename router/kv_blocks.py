@@ -1,8 +1,9 @@
 """Block-based KV memory for the router: a fixed pool of fixed-size blocks and per-sequence block tables.
 
 `BlockAllocator` hands out block ids under a fixed memory budget; `PagedKVCache` stores K/V in those
-blocks and, per engine step, gathers each sequence's blocks into the padded view attention reads.
-Block 0 is a permanently empty "null" block that pads block tables.
+blocks and, per engine step, gathers each sequence's blocks (its block table, from the model runner) into
+the padded view attention reads. Block 0 is a permanently empty "null" block that pads block tables and
+absorbs the writes of padding slots.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def kv_bytes_per_token(config: GrokConfig, dtype: torch.dtype) -> int:
 class PagedKVCache:
     """k/v storage [L, num_blocks, block_size, Hkv, d] and key validity [num_blocks, block_size].
 
-    Before each step the engine sets `tables` [B, max_blocks] (padded with block 0); row b of the step
-    uses table b, and position p of a sequence lives at (tables[b, p // bs], p % bs).
+    Row b of a step uses block table b ([B, max_blocks], padded with block 0): position p of that sequence
+    lives at (table[b, p // block_size], p % block_size). Padding slots (query_valid False) write into the
+    null block 0, whose keys are never valid.
     """
 
     def __init__(self, config: GrokConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -63,15 +65,12 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(num_blocks, block_size, dtype=torch.bool, device=device)
         self.block_size = block_size
-        self.tables = torch.zeros(0, 1, dtype=torch.int64)
 
-    def begin_step(self, rows: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> StepKV:
-        tables = self.tables[rows]  # [B, max_blocks]
-        index = positions // self.block_size  # [B, T]
-        inside = index < tables.shape[1]
-        # Padding slots carry positions past their row's table (the engine's convention): they write into
-        # the null block 0, whose validity is forced back to False below.
-        blocks = torch.where(inside, torch.gather(tables, 1, index.clamp(max=tables.shape[1] - 1)), 0)  # [B, T]
+    def begin_step(self, storage: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
+                   key_valid: torch.Tensor) -> StepKV:
+        tables = storage  # [B, max_blocks]
+        index = (positions // self.block_size).clamp(max=tables.shape[1] - 1)  # [B, T]
+        blocks = torch.where(query_valid, torch.gather(tables, 1, index), 0)  # [B, T] padding → null block
         offsets = positions % self.block_size  # [B, T]
         self.key_valid[blocks, offsets] = key_valid
         self.key_valid[0] = False

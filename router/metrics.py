@@ -26,17 +26,21 @@ STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8
 IMBALANCE_WINDOW_STEPS = 64
 
 
-class _RoutingCollector:
-    """Tokens routed per (layer, expert) and the per-layer load imbalance over the last N steps."""
+class _ExpertChoiceCollector:
+    """Tokens routed per (layer, expert) by the MoE router, and the per-layer load imbalance over the last N
+    steps."""
 
     def __init__(self, config: GrokConfig):
+        self.n_experts = config.n_experts
         self.counts = np.zeros((config.n_layers, config.n_experts), dtype=np.int64)  # since start
         self.window: collections.deque[np.ndarray] = collections.deque(maxlen=IMBALANCE_WINDOW_STEPS)
         self.current = np.zeros_like(self.counts)  # this step
         self.lock = threading.Lock()
 
-    def observe(self, layer: int, expert_ids: torch.Tensor, n_experts: int) -> None:
-        self.current[layer] += np.bincount(expert_ids.reshape(-1).cpu().numpy(), minlength=n_experts)[:n_experts]
+    def observe(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """expert_ids [N, K] of one MoE layer in this step."""
+        counts = np.bincount(expert_ids.reshape(-1).cpu().numpy(), minlength=self.n_experts)
+        self.current[layer] += counts[:self.n_experts]
 
     def end_step(self) -> None:
         with self.lock:
@@ -93,7 +97,8 @@ class RouterMetrics:
                                         "One MoE layer's all-to-all (all shards) round trip.", ["layer"],
                                         buckets=DISPATCH_BUCKETS, registry=r)
         self.dispatch_shard = Histogram("grokserve_dispatch_round_trip_seconds",
-                                        "Round trip of one message to one expert shard.", ["shard"],
+                                        "Round trip of one message to one expert shard, by transport.",
+                                        ["shard", "transport"],
                                         buckets=DISPATCH_BUCKETS, registry=r)
         self.bytes_sent = Counter("grokserve_dispatch_sent_bytes", "Bytes sent to each expert shard.", ["shard"],
                                   registry=r)
@@ -105,6 +110,5 @@ class RouterMetrics:
                                 ["shard"], registry=r)
         self.shard_replicas = Gauge("grokserve_shard_live_replicas", "Replica addresses known for each shard.",
                                     ["shard"], registry=r)
-        self.routing = _RoutingCollector(config)
-        self.n_experts = config.n_experts
-        r.register(self.routing)
+        self.expert_choices = _ExpertChoiceCollector(config)
+        r.register(self.expert_choices)

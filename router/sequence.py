@@ -20,7 +20,7 @@ class StepOutput:
     text: str = ""
     tokens: list[SampledToken] = field(default_factory=list)
     finish_reason: str | None = None  # length | stop | eos | cancelled
-    error: tuple[str, str] | None = None  # (gRPC status name, message)
+    error: Exception | None = None  # typed (router.errors, transport.errors); the service maps it to a status
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_seconds: float = 0.0
@@ -34,18 +34,18 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator
-    text: TextStream
+    text_stream: TextStream
     sink: Callable[[StepOutput], None]
     arrival: float = field(default_factory=time.monotonic)
+    deadline: float = float("inf")  # time.monotonic() by which the request must have ended
     output_ids: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     first_scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
     cancelled: bool = False
     finished: bool = False
-    preemptions: int = 0
 
     @property
     def all_ids(self) -> list[int]:
@@ -54,10 +54,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def max_total_tokens(self) -> int:
-        return len(self.prompt_ids) + self.params.max_tokens
 
     def timings(self, now: float) -> dict[str, float]:
         return {

@@ -1,39 +1,81 @@
 """The client-facing `Generation` gRPC service (grpc.aio), with health and server reflection.
 
-Each call: validate → a Sequence submitted to the engine → outputs streamed back as they come. A client
-deadline or cancel removes the sequence from the batch at the next step; engine errors map to status
-codes here, in one place.
+Each call: parse (undecodable bytes → INVALID_ARGUMENT) → validate → a Sequence submitted to the engine →
+outputs streamed back as they come, until the request's deadline (the client's, or the router's default).
+A client deadline or cancel removes the sequence from the batch at the next step. This is the edge where
+typed errors become status codes, in one table (`status_for`), and where each request is counted once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from grokserve.model.sampling import make_generator
+from grokserve.model.dtypes import dtype_name
+from grokserve.model.sampling import ParameterError, make_generator
 from grokserve.model.text_stream import TextStream
 from grokserve.model.tokenizer import Tokenizer
 from grokserve.router.auth import BearerTokenInterceptor
 from grokserve.router.engine import RouterEngine
-from grokserve.router.scheduler import QueueFull
+from grokserve.router.errors import (
+    QueueFull,
+    RequestError,
+    RequestTimedOut,
+    RouterShuttingDown,
+    SequenceFailed,
+    StepFailed,
+    UnsupportedRequest,
+)
 from grokserve.router.sequence import Sequence, StepOutput
-from grokserve.router.validation import RequestError, max_prompt_chars, request_size_limit, validate_request
+from grokserve.router.validation import max_prompt_chars, request_size_limit, validate_request
+from grokserve.transport.errors import DispatchError, PlacementMismatch, ShardUnavailable
+from grokserve.transport.tls import TlsFiles
 from grokserve.v1 import generation_pb2 as gen_pb
-from grokserve.v1 import generation_pb2_grpc as gen_grpc
-from grokserve.workers.tls import TlsFiles
 
-log = logging.getLogger("grokserve.router")
+log = logging.getLogger(__name__)
 SERVICE_NAME = "grokserve.v1.Generation"
+CLIENT_DEADLINE_GRACE_S = 0.25
 _FINISH = {"length": gen_pb.FINISH_REASON_LENGTH, "stop": gen_pb.FINISH_REASON_STOP, "eos": gen_pb.FINISH_REASON_EOS,
            "cancelled": gen_pb.FINISH_REASON_CANCELLED}
 
+# Typed errors → status codes: the only such table of the client API (first match wins).
+_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (UnsupportedRequest, grpc.StatusCode.FAILED_PRECONDITION),
+    (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ParameterError, grpc.StatusCode.INVALID_ARGUMENT),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RequestTimedOut, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ShardUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (PlacementMismatch, grpc.StatusCode.UNAVAILABLE),
+    (RouterShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (DispatchError, grpc.StatusCode.INTERNAL),
+    (SequenceFailed, grpc.StatusCode.INTERNAL),
+    (StepFailed, grpc.StatusCode.INTERNAL),
+)
 
-class GenerationService(gen_grpc.GenerationServicer):
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    return next((code for kind, code in _STATUS if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+
+
+class _Aborted(Exception):
+    """Internal: end this RPC with `code` (raised inside the handler, turned into context.abort once)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class GenerationService:
     def __init__(self, engine: RouterEngine, tokenizer: Tokenizer | None, model_id: str,
                  shards: dict[str, str] | None = None):
         self.engine = engine
@@ -41,85 +83,104 @@ class GenerationService(gen_grpc.GenerationServicer):
         self.model_id = model_id
         self.shards = shards or {}
         self.config = engine.config
+        self.metrics = engine.metrics
 
     # ---- admission -------------------------------------------------------------------------------
 
-    def _admit(self, request: gen_pb.GenerateRequest) -> tuple[Sequence, asyncio.Queue]:
+    def _admit(self, request: gen_pb.GenerateRequest, deadline: float) -> tuple[Sequence, asyncio.Queue]:
         valid = validate_request(request, self.config, self.tokenizer, self.engine.limits.max_tokens_limit,
                                  self.engine.capacity_tokens)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue(maxsize=valid.params.max_tokens + 2)  # one per token
         detok = self.tokenizer.detokenizer(valid.prompt_ids) if self.tokenizer else None
+
+        def sink(out: StepOutput) -> None:  # called on the engine's thread
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
+
         seq = Sequence(
             request_id=valid.request_id, prompt_ids=valid.prompt_ids, params=valid.params,
-            generator=make_generator(valid.params.seed), text=TextStream(detok, valid.params.stop),
-            sink=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+            generator=make_generator(valid.params.seed), text_stream=TextStream(detok, valid.params.stop),
+            sink=sink, deadline=deadline)
         self.engine.submit(seq)  # QueueFull → RESOURCE_EXHAUSTED
         return seq, outputs
 
-    def _count(self, code: grpc.StatusCode) -> None:
-        if self.engine.metrics is not None:
-            self.engine.metrics.request_status.labels(code.name).inc()
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        """time.monotonic() by which the request must end: the router's limit, or the client's deadline when
+        that is sooner (plus a moment, so that gRPC's own deadline ends such a call first)."""
+        remaining = context.time_remaining()
+        limit = self.engine.limits.request_timeout_s
+        return time.monotonic() + (limit if remaining is None else min(remaining + CLIENT_DEADLINE_GRACE_S, limit))
 
-    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str):
-        self._count(code)
-        await context.abort(code, message)
-
-    async def _outputs(self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        """Yield (seq, StepOutput) until the last one; map every failure to a status code."""
+    async def _outputs(self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[tuple[Sequence, StepOutput]]:
+        """Yield (seq, StepOutput) until the last one; count the request once, whatever ends it."""
+        code, reason, seq = grpc.StatusCode.OK, "error", None
+        deadline = self._deadline(context)
         try:
-            seq, outputs = self._admit(request)
-        except RequestError as exc:
-            await self._abort(context, exc.code, str(exc))
-        except QueueFull as exc:
-            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        try:
+            try:
+                seq, outputs = self._admit(request, deadline)
+            except (RequestError, ParameterError, QueueFull) as exc:
+                raise _Aborted(status_for(exc), str(exc)) from None
             while True:
-                out = await outputs.get()
+                try:
+                    out = await asyncio.wait_for(outputs.get(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise _Aborted(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"request did not finish within its deadline "
+                                   f"({deadline - seq.arrival:.1f}s)") from None
                 if out.error is not None:
-                    code, message = out.error
-                    await self._abort(context, getattr(grpc.StatusCode, code), message)
+                    raise _Aborted(status_for(out.error), str(out.error))
                 yield seq, out
                 if out.finish_reason is not None:
-                    self._count(grpc.StatusCode.OK)
+                    reason = out.finish_reason
                     return
+        except _Aborted as aborted:
+            code = aborted.code
+            reason = "cancelled" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "error"
+            await context.abort(aborted.code, str(aborted))
         except asyncio.CancelledError:  # the client went away or its deadline passed
             remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            self._count(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                    else grpc.StatusCode.CANCELLED)
+            reason = "cancelled"
             raise
         finally:
-            if not seq.finished:  # deadline, client cancel, or the stream consumer went away
-                self.engine.cancel(seq)
+            self.metrics.request_status.labels(code.name).inc()
+            if seq is not None:
+                self.metrics.requests.labels(reason).inc()
+                if not seq.finished:  # deadline, client cancel, or the stream consumer went away
+                    self.engine.cancel(seq)
 
     # ---- RPCs ------------------------------------------------------------------------------------
 
-    async def Generate(self, request, context):
+    async def Generate(self, request: gen_pb.GenerateRequest, context) -> gen_pb.GenerateResponse:
         response = gen_pb.GenerateResponse()
         async for seq, out in self._outputs(request, context):
             response.request_id = seq.request_id
             self._append(response, out)
         return response
 
-    async def GenerateStream(self, request, context):
+    async def GenerateStream(self, request: gen_pb.GenerateRequest, context
+                             ) -> AsyncIterator[gen_pb.GenerateResponse]:
         async for seq, out in self._outputs(request, context):
             response = gen_pb.GenerateResponse(request_id=seq.request_id)
             self._append(response, out)
             yield response
 
-    async def Tokenize(self, request, context):
+    async def Tokenize(self, request: gen_pb.TokenizeRequest, context) -> gen_pb.TokenizeResponse:
         if self.tokenizer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "text: this model has no tokenizer")
+        assert self.tokenizer is not None
         if len(request.text) > max_prompt_chars(self.config):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text: too long")
         return gen_pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
 
-    async def GetModelInfo(self, request, context):
+    async def GetModelInfo(self, request: gen_pb.ModelInfoRequest, context) -> gen_pb.ModelInfoResponse:
         c = self.config
         return gen_pb.ModelInfoResponse(
             model_id=self.model_id, vocab_size=c.vocab_size, context_length=c.max_seq_len,
             max_tokens_limit=self.engine.limits.max_tokens_limit, has_tokenizer=self.tokenizer is not None,
-            dtype=str(self.engine.model.dense.dtype).removeprefix("torch."), num_layers=c.n_layers,
+            dtype=dtype_name(self.engine.model.dense.dtype), num_layers=c.n_layers,
             num_experts=c.n_experts, experts_per_token=c.n_experts_per_token, shards=self.shards,
             eos_token_id=c.eos_id)
 
@@ -144,6 +205,62 @@ class GenerationService(gen_grpc.GenerationServicer):
         return self.tokenizer.id_to_piece(token_id) if self.tokenizer else ""
 
 
+# ---- registration: requests arrive as bytes and are parsed here, so that undecodable messages (truncated,
+# garbage, invalid UTF-8 in a string field) get INVALID_ARGUMENT naming the RPC instead of gRPC's UNKNOWN.
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+def _parse(message_type: type[Message], rpc: str, data: bytes) -> Message | str:
+    """The parsed message, or an error text naming the RPC and, when protobuf says it, the field."""
+    try:
+        return message_type.FromString(data)
+    except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+        return f"request: undecodable {message_type.DESCRIPTOR.name} for {rpc} ({exc})"
+
+
+def _unary(handler: Callable, message_type: type[Message], rpc: str) -> Callable:
+    async def parse_then_call(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        parsed = _parse(message_type, rpc, data)
+        if isinstance(parsed, str):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, parsed)
+        return await handler(parsed, context)
+
+    return parse_then_call
+
+
+def _server_streaming(handler: Callable, message_type: type[Message], rpc: str) -> Callable:
+    async def parse_then_stream(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        parsed = _parse(message_type, rpc, data)
+        if isinstance(parsed, str):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, parsed)
+        async for item in handler(parsed, context):
+            yield item
+
+    return parse_then_stream
+
+
+def add_generation_service(service: GenerationService, server: grpc.aio.Server) -> None:
+    """Register the Generation RPCs (same names and messages as generation.proto's generated code)."""
+    serialize = gen_pb.GenerateResponse.SerializeToString
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            _unary(service.Generate, gen_pb.GenerateRequest, "Generate"), request_deserializer=_raw,
+            response_serializer=serialize),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            _server_streaming(service.GenerateStream, gen_pb.GenerateRequest, "GenerateStream"),
+            request_deserializer=_raw, response_serializer=serialize),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            _unary(service.Tokenize, gen_pb.TokenizeRequest, "Tokenize"), request_deserializer=_raw,
+            response_serializer=gen_pb.TokenizeResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            _unary(service.GetModelInfo, gen_pb.ModelInfoRequest, "GetModelInfo"), request_deserializer=_raw,
+            response_serializer=gen_pb.ModelInfoResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 def server_options(service: GenerationService) -> list[tuple[str, int]]:
     """Message limits from the model's sizes (not gRPC's defaults). Requests over the model-derived limit but
     under the transport cap get INVALID_ARGUMENT naming `request`; beyond the cap gRPC itself answers
@@ -161,7 +278,7 @@ async def start_router_server(service: GenerationService, host: str, port: int, 
     reflection stay open for probes)."""
     interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
     server = grpc.aio.server(options=server_options(service), interceptors=interceptors)
-    gen_grpc.add_GenerationServicer_to_server(service, server)
+    add_generation_service(service, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -173,5 +290,5 @@ async def start_router_server(service: GenerationService, host: str, port: int, 
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    server.health = health  # type: ignore[attr-defined]  # kept so shutdown can flip it
+    server.health = health  # kept so shutdown can flip it
     return server, bound

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from grokserve.model.checkpoint import read_checkpoint
 from grokserve.router.assembly import build_router, discover_plan
-from grokserve.router.engine import EngineLimits
-from grokserve.router.loop_thread import LoopThread
 from grokserve.router.service import GenerationService, start_router_server
-from grokserve.workers.metrics import serve_metrics
+from grokserve.router.settings import DispatchSettings, EngineLimits
+from grokserve.transport.loop_thread import LoopThread
+from grokserve.transport.metrics_server import serve_metrics
 
 
 class WorkerProc:
@@ -60,10 +60,9 @@ class RouterHarness:
             config = read_checkpoint(checkpoint, "grokserve").config
             plan, endpoints = discover_plan(workers, config, tls=dispatch_tls)
         self.router = build_router(checkpoint, plan=plan, endpoints=endpoints,
-                                   limits=limits or EngineLimits(kv_cache_bytes=4 << 20), dispatch_deadline_s=3.0,
-                                   metrics=metrics, dispatch_tls=dispatch_tls)
-        self.metrics_port = (serve_metrics(self.router.metrics.registry, "127.0.0.1", 0)
-                             if self.router.metrics is not None else None)
+                                   limits=limits or EngineLimits(kv_cache_mb=4),
+                                   dispatch=DispatchSettings(deadline_s=3.0), dispatch_tls=dispatch_tls)
+        self.metrics_port = serve_metrics(self.router.metrics.registry, "127.0.0.1", 0) if metrics else None
         service = GenerationService(self.router.engine, self.router.tokenizer, self.router.model_id)
         self.server, self.port = self.thread.run(start_router_server(service, "127.0.0.1", 0, tls, tokens))
         self.address = f"127.0.0.1:{self.port}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from grokserve.model.checkpoint.errors import CheckpointError
 from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
@@ -17,7 +16,6 @@ from grokserve.model.checkpoint.official import iter_official
 from grokserve.model.config import GrokConfig, get_preset
 from grokserve.model.weights import Param, check_shape, expected_shapes
 
-Format = Literal["official", "hf", "grokserve"]
 FORMATS: tuple[str, ...] = ("official", "hf", "grokserve")
 
 __all__ = ["FORMATS", "CheckpointError", "LoadedCheckpoint", "iter_params", "read_checkpoint", "resolve_config"]

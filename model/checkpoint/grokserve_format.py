@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -112,7 +112,7 @@ class GrokserveCheckpoint:
     def dense_names(self) -> list[str]:
         return [n for n in self.shapes if not is_expert_param(n)]
 
-    def expert_names(self, shard: dict[int, Iterable[int]]) -> list[str]:
+    def expert_names(self, shard: Mapping[int, Iterable[int]]) -> list[str]:
         return [expert_name(layer, e, what) for layer, experts in shard.items() for e in experts
                 for what in ("w_gate", "w_up", "w_down")]
 

@@ -264,6 +264,7 @@ def iter_official(path: str | Path, config: GrokConfig) -> Iterator[tuple[str, P
                         else value[e])
                 yield name.format(expert=e), _to_torch_orientation(part)
         elif name == embed_name():  # a lookup table [V, D], not an [in, out] matrix
+            assert isinstance(value, torch.Tensor)  # _check_official: the embedding is a float array
             yield name, value
         else:
             yield name, _to_torch_orientation(value)

@@ -35,7 +35,7 @@ def app(ray_cluster, tiny_grokserve_ckpt):
     spec = parse_spec({
         "name": APP,
         "model": {"checkpoint": str(tiny_grokserve_ckpt)},
-        "router": {"grpc_port": _free_port(), "dispatch_deadline_s": 2.0,
+        "router": {"grpc_port": _free_port(), "dispatch": {"deadline_s": 2.0},
                    "ray_actor_options": {"num_cpus": 0.5, "resources": {"head": 0.01}}},
         "experts": {"shards": [
             {"name": "a", "experts": "0-3", "ray_actor_options": {"num_cpus": 0.25, "resources": {"node_a": 0.01}}},

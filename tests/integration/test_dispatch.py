@@ -10,15 +10,18 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grokserve.cluster.placement import PlacementError, PlacementPlan, Shard, auto_plan
 from grokserve.model.checkpoint import read_checkpoint
 from grokserve.model.dense import DenseModel, GrokModel
 from grokserve.model.engine import ReferenceEngine
 from grokserve.model.sampling import SamplingParams
-from grokserve.router.dispatcher import Dispatcher, ShardUnavailable
+from grokserve.router.dispatcher import Dispatcher
+from grokserve.router.settings import DispatchSettings
+from grokserve.transport import wire
+from grokserve.transport.errors import ShardUnavailable
+from grokserve.transport.loop_thread import LoopThread
+from grokserve.transport.placement import PlacementError, PlacementPlan, Shard, auto_plan
 from grokserve.v1 import expert_pb2 as pb
 from grokserve.v1 import expert_pb2_grpc as pb_grpc
-from grokserve.workers import wire
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +49,11 @@ def start_plan(spawn_worker, ckpt, plan: PlacementPlan) -> dict[str, list]:
 
 def distributed_engine(loaded, plan, procs, transport="stream", deadline_s=10.0):
     endpoints = {name: [p.address for p in reps] for name, reps in procs.items()}
-    dispatcher = Dispatcher(loaded.config, plan, endpoints, torch.float32, deadline_s=deadline_s, transport=transport)
+    loop = LoopThread("test-dispatch")  # the engine's loop, handed to the dispatcher
+    dispatcher = Dispatcher(loaded.config, plan, endpoints, torch.float32, loop,
+                            DispatchSettings(deadline_s=deadline_s, transport=transport))
     dense = DenseModel(loaded.config, torch.float32, loaded.params)
-    return ReferenceEngine(GrokModel(dense, dispatcher)), dispatcher
+    return ReferenceEngine(GrokModel(dense, dispatcher), loop=loop.loop), dispatcher
 
 
 PLACEMENTS = {
@@ -74,10 +79,11 @@ def test_distributed_forward_and_greedy_equal_reference(placement, loaded, refer
             got = [g.token_ids for g in engine.generate(prompts, params)]
             assert got == [g.token_ids for g in reference.generate(prompts, params)]
             if any(s.replicas > 1 for s in plan.shards):  # round-robin really used every replica
-                served = dispatcher.stats.per_replica_calls
+                served = {r["address"]: r["calls"] for reps in dispatcher.replica_states().values() for r in reps}
                 assert all(served.get(p.address, 0) > 0 for reps in procs.values() for p in reps), served
         finally:
             dispatcher.close()
+            dispatcher.loop.stop()
 
 
 def test_each_worker_holds_only_its_shard(loaded, spawn_worker, tiny_grokserve_ckpt):
@@ -172,6 +178,7 @@ def test_killed_worker_fails_fast_with_typed_error_naming_the_shard(loaded, spaw
         assert time.monotonic() - start < 2.0 + 1.0  # within the deadline (plus slack), never a hang
     finally:
         dispatcher.close()
+        dispatcher.loop.stop()
 
 
 def test_killed_replica_is_bypassed_through_the_other_replica(loaded, reference, spawn_worker, tiny_grokserve_ckpt,
@@ -187,3 +194,4 @@ def test_killed_replica_is_bypassed_through_the_other_replica(loaded, reference,
         assert dispatcher.stats.failures == 0
     finally:
         dispatcher.close()
+        dispatcher.loop.stop()

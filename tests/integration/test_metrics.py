@@ -13,8 +13,8 @@ from procs import RouterHarness, WorkerProc
 from prometheus_client.parser import text_string_to_metric_families
 
 from grokserve.client import Client
-from grokserve.cluster.placement import auto_plan
 from grokserve.model.checkpoint import read_checkpoint
+from grokserve.transport.placement import auto_plan
 from grokserve.v1 import generation_pb2 as gen_pb
 
 

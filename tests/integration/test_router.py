@@ -12,11 +12,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from procs import RouterHarness
 
 from grokserve.client import AsyncClient, Client
-from grokserve.cluster.placement import auto_plan
 from grokserve.model.checkpoint import read_checkpoint
 from grokserve.model.engine import ReferenceEngine
 from grokserve.model.sampling import SamplingParams
-from grokserve.router.engine import EngineLimits
+from grokserve.router.settings import EngineLimits
+from grokserve.transport.placement import auto_plan
 from grokserve.v1 import generation_pb2 as gen_pb
 
 
@@ -68,7 +68,7 @@ def test_concurrent_staggered_requests_equal_reference_run_alone(router, referen
 def test_micro_batch_overlap_gives_the_same_outputs(tiny_grokserve_ckpt, workers_module, reference, prompts):
     """Two halves of each step interleaved (dispatch of one during attention of the other): same tokens."""
     harness = RouterHarness(tiny_grokserve_ckpt, [w.address for w in workers_module],
-                            limits=EngineLimits(kv_cache_bytes=4 << 20, micro_batch_overlap=True))
+                            limits=EngineLimits(kv_cache_mb=4, micro_batch_overlap=True))
     try:
         cases = [(p[: 1 + i % len(p)], 4 + i % 5) for i, p in enumerate(prompts * 4)]
 
@@ -187,7 +187,7 @@ def test_cancel_mid_stream_removes_the_sequence_within_a_step(router, prompts):
 
 def test_queue_full_is_resource_exhausted(tiny_grokserve_ckpt, prompts):
     harness = RouterHarness(tiny_grokserve_ckpt, limits=EngineLimits(max_queue=2, max_running=1,
-                                                                     kv_cache_bytes=4 << 20))
+                                                                     kv_cache_mb=4))
     try:
         async def main():
             async with AsyncClient(harness.address) as client:
@@ -205,7 +205,7 @@ def test_queue_full_is_resource_exhausted(tiny_grokserve_ckpt, prompts):
 
 def test_small_kv_cache_preempts_and_still_matches_reference(tiny_grokserve_ckpt, reference, prompts):
     """A cache far smaller than the batch's needs: sequences are preempted and recomputed, none deadlocks."""
-    harness = RouterHarness(tiny_grokserve_ckpt, limits=EngineLimits(kv_cache_bytes=64 * 1024, block_size=4))
+    harness = RouterHarness(tiny_grokserve_ckpt, limits=EngineLimits(kv_cache_mb=1 / 16, block_size=4))
     try:
         # 15 blocks of 4 tokens: six short prompts are all admitted (2 blocks each), then their decodes outgrow
         # the pool (8 blocks each at the end), so younger sequences must be preempted and recomputed.

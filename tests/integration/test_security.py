@@ -13,13 +13,14 @@ from hypothesis import strategies as st
 from procs import RouterHarness, WorkerProc
 
 from grokserve.client import Client
-from grokserve.cluster.placement import auto_plan
 from grokserve.model.checkpoint import CheckpointError, read_checkpoint
 from grokserve.model.checkpoint.official import load_pickled_tensor
-from grokserve.router.assembly import PlacementMismatch, discover_plan
-from grokserve.router.engine import EngineLimits
+from grokserve.router.assembly import discover_plan
+from grokserve.router.settings import EngineLimits
+from grokserve.transport.errors import PlacementMismatch
+from grokserve.transport.placement import auto_plan
+from grokserve.transport.tls import TlsFiles
 from grokserve.v1 import generation_pb2 as gen_pb
-from grokserve.workers.tls import TlsFiles
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_mutual_tls_worker_accepts_only_routers_with_a_cluster_certificate(tiny_
 
 
 def test_max_tokens_above_the_router_limit_is_refused(tiny_grokserve_ckpt, prompts):
-    harness = RouterHarness(tiny_grokserve_ckpt, limits=EngineLimits(max_tokens_limit=8, kv_cache_bytes=4 << 20))
+    harness = RouterHarness(tiny_grokserve_ckpt, limits=EngineLimits(max_tokens_limit=8, kv_cache_mb=4))
     try:
         with Client(harness.address) as client, pytest.raises(grpc.RpcError) as info:
             client.generate(prompts[0], max_tokens=9)
@@ -151,7 +152,7 @@ def test_fuzzed_messages_to_live_router_and_worker_always_get_a_status(tiny_grok
     seeds = [gen_pb.GenerateRequest(prompt_token_ids=prompts[1], max_tokens=2).SerializeToString()]
     import torch
 
-    from grokserve.workers import wire
+    from grokserve.transport import wire
 
     seeds.append(wire.encode_request_bytes(1, 0, torch.randn(2, config.d_model), torch.tensor([[0, 1], [2, 3]]),
                                            torch.rand(2, 2)))

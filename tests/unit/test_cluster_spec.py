@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from grokserve.cluster.placement import PlacementError
 from grokserve.cluster.spec import SpecError, load_spec, parse_spec
 from grokserve.model.config import get_preset
+from grokserve.transport.placement import PlacementError
 
 
 def test_defaults_serve_the_demo_model_on_two_cpu_workers():

@@ -75,8 +75,8 @@ def test_kv_cache_decoding_equals_full_forward(tiny_engine, logits_npz):
     cache = ContiguousKVCache(model.config, 1, len(tokens), model.dense.dtype)
     rows = []
     for pos, tok in enumerate(tokens):
-        h = model.forward(torch.tensor([[tok]]), torch.tensor([[pos]]), torch.ones(1, 1, dtype=torch.bool),
-                          cache, torch.tensor([0]))
+        h = tiny_engine.step(torch.tensor([[tok]]), torch.tensor([[pos]]), torch.ones(1, 1, dtype=torch.bool),
+                             cache, torch.tensor([0]))
         rows.append(model.dense.head(h)[0, 0])
     # Only float32 reassociation separates the two: a [1, D] and a [33, D] matmul take different kernels (on
     # AVX-512 machines the logits, of magnitude up to 4, move by up to ~1.1e-5). A cache bug moves them by O(1).

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from grokserve.transport import wire
 from grokserve.v1 import expert_pb2 as pb
-from grokserve.workers import wire
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -31,8 +31,9 @@ router:
   host: 0.0.0.0
   grpc_port: {{ .Values.router.grpcPort }}
   metrics_port: {{ .Values.router.metricsPort }}
-  transport: {{ .Values.router.transport }}
-  dispatch_deadline_s: {{ .Values.router.dispatchDeadlineSeconds }}
+  dispatch:
+    transport: {{ .Values.router.transport }}
+    deadline_s: {{ .Values.router.dispatchDeadlineSeconds }}
   ray_actor_options:
     num_cpus: {{ .Values.router.rayActorOptions.num_cpus }}
     num_gpus: {{ .Values.router.rayActorOptions.num_gpus }}

@@ -1,18 +1,54 @@
 """Placement: which expert worker holds which (layer, expert), and how many replicas each shard has.
 
 Both sides import it: the cluster builds deployments from a plan, the router's dispatcher routes by it.
-A plan that leaves any (layer, expert) uncovered is rejected, naming what is missing.
+A plan that leaves any (layer, expert) uncovered is rejected, naming what is missing. `parse_indices` is
+the one parser of index lists ('0-3', '0,2,5-7', 'all') for the CLI and the cluster spec.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from grokserve.model.config import GrokConfig
+from grokserve.v1 import expert_pb2 as pb
 
 
 class PlacementError(ValueError):
     pass
+
+
+def parse_indices(value: Any, count: int | None = None) -> tuple[int, ...]:
+    """'0-3' | '0,2,5-7' | 'all' | [0, 1] | 5 → sorted unique indices. 'all' needs `count` (0 … count-1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected indices like '0-3', '0,2' or a list, got {value!r}")
+    if isinstance(value, int):
+        out = {value}
+    elif isinstance(value, list | tuple):
+        out = {int(v) for v in value}
+    elif isinstance(value, str) and value.strip() == "all":
+        if count is None:
+            raise ValueError("'all' needs the model's size to expand")
+        out = set(range(count))
+    elif isinstance(value, str):
+        out = set()
+        for part in value.replace(" ", "").split(","):
+            lo, sep, hi = part.partition("-")
+            try:
+                first, last = int(lo), int(hi if sep else lo)
+            except ValueError:
+                raise ValueError(f"'{part}' is not an index or a range like 0-3") from None
+            if last < first:
+                raise ValueError(f"range '{part}' runs backwards")
+            out.update(range(first, last + 1))
+    else:
+        raise ValueError(f"expected indices like '0-3', '0,2' or a list, got {value!r}")
+    if not out:
+        raise ValueError(f"{value!r} names no index")
+    if min(out) < 0 or (count is not None and max(out) >= count):
+        raise ValueError(f"indices must lie in [0, {count if count is not None else '∞'}), got {sorted(out)}")
+    return tuple(sorted(out))
 
 
 class Shard(BaseModel):
@@ -102,3 +138,17 @@ def auto_plan(config: GrokConfig, num_workers: int, layer_groups: int = 1, repli
             shards.append(Shard(name=name if layer_groups > 1 else f"experts-{g * per_group + w}",
                                 layers=tuple(layer_range), experts=tuple(experts), replicas=replicas))
     return PlacementPlan(shards=tuple(shards)).check(config)
+
+
+def info_mismatch(info: pb.InfoResponse, shard: Shard, model_id: str, wire_dtype: int) -> str:
+    """Why a worker's Info does not fit `shard` of this model in this dtype ('' when it does)."""
+    if info.model_id != model_id:
+        return f"serves model {info.model_id}, this router {model_id}"
+    if info.dtype != wire_dtype:
+        return (f"computes in {pb.DType.Name(info.dtype)}, this router in {pb.DType.Name(wire_dtype)}")
+    held = {entry.layer: set(entry.expert_ids) for entry in info.shard}
+    missing = [(layer, e) for layer in shard.layers for e in shard.experts if e not in held.get(layer, ())]
+    if missing:
+        shown = ", ".join(f"(layer {layer}, expert {e})" for layer, e in missing[:4])
+        return f"does not hold {len(missing)} of shard '{shard.name}''s experts, e.g. {shown}"
+    return ""

@@ -37,3 +37,14 @@ class TlsFiles:
 
     def channel_options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def dispatch_tls(ca_file: str | None, cert_file: str | None, key_file: str | None,
+                 server_name: str | None = None) -> TlsFiles | None:
+    """Mutual TLS material for router↔worker dispatch from the CLI's --dispatch-* options (None: plaintext)."""
+    given = [ca_file, cert_file, key_file]
+    if not any(given):
+        return None
+    if not (ca_file and cert_file and key_file):
+        raise ValueError("dispatch mTLS needs --dispatch-ca, --dispatch-cert and --dispatch-key together")
+    return TlsFiles(cert_file, key_file, ca_file, server_name)

@@ -1,7 +1,9 @@
-"""The one tensor↔bytes codec of the ExpertService and the one place that validates what arrives.
+"""The one tensor↔bytes codec of the ExpertService, its message limits, and the one place that validates
+what arrives.
 
-Routers encode with `encode_request` / decode with `decode_partial`; workers check every field of a
-ForwardRequest against their shard with `decode_request` before any tensor is built.
+Routers encode with `encode_request_bytes` / decode with `decode_partial`; workers check every field of a
+ForwardRequest against their shard with `decode_request` before any tensor is built. The bytes are
+protobuf's (expert.proto), so every transport carries the same message layout.
 """
 
 from __future__ import annotations
@@ -9,18 +11,17 @@ from __future__ import annotations
 import hashlib
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from grokserve.v1 import expert_pb2 as pb
 
-# Received protobuf bytes are read-only; tensors viewing them are only ever read (zero copy by design).
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
-WIRE_DTYPES = {pb.DTYPE_FLOAT32: torch.float32, pb.DTYPE_BFLOAT16: torch.bfloat16}
-DTYPE_TO_WIRE = {v: k for k, v in WIRE_DTYPES.items()}
+WIRE_DTYPES: dict[int, torch.dtype] = {pb.DTYPE_FLOAT32: torch.float32, pb.DTYPE_BFLOAT16: torch.bfloat16}
+DTYPE_TO_WIRE: dict[torch.dtype, int] = {v: k for k, v in WIRE_DTYPES.items()}
 
 
 class WireError(ValueError):
@@ -36,11 +37,20 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def bytes_to_tensor(raw: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """Zero-copy view of `raw` (read-only bytes) as a tensor; callers only read it."""
-    if not raw:
+def bytes_to_tensor(raw: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Zero-copy view of `raw` as a tensor. Received bytes are read-only and callers only read the view, so
+    torch's "buffer is not writable" warning is silenced here, for this call only."""
+    if not len(raw):
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(raw, dtype=torch.uint8)
+    return flat.view(dtype).view(shape)
+
+
+def max_message_bytes(d_model: int, max_rows: int, experts_per_row: int) -> int:
+    """Largest ForwardRequest/Response a shard can need (f32 rows + ids + probabilities), plus framing."""
+    return max_rows * (d_model * 4 + experts_per_row * 8) + 4096
 
 
 # ---- hand-written protobuf encoding of the two hot messages ------------------------------------------
@@ -70,16 +80,17 @@ def _bytes_header(number: int, length: int) -> bytes:
 
 
 def _view(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(torch.uint8).numpy())
+    return t.contiguous().view(torch.uint8).numpy().data
 
 
 def encode_request_bytes(call_id: int, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                         gates: torch.Tensor) -> bytes:
-    """hidden [N, D], expert_ids [N, K] (-1 = not for this worker), gates f32 [N, K] → serialized ForwardRequest."""
+                         expert_probs: torch.Tensor) -> bytes:
+    """hidden [N, D], expert_ids [N, K] (-1 = not for this worker), expert_probs f32 [N, K] (the router's
+    probability of each slot; proto field `gates`) → serialized ForwardRequest."""
     n_rows, d = hidden.shape
     hidden_view = _view(hidden)
     ids_view = _view(expert_ids.to(torch.int32))
-    gates_view = _view(gates.to(torch.float32))
+    gates_view = _view(expert_probs.to(torch.float32))
     return b"".join((
         _uint_field(1, call_id), _uint_field(2, layer), _uint_field(3, DTYPE_TO_WIRE[hidden.dtype]),
         _uint_field(4, n_rows), _uint_field(5, d),
@@ -91,9 +102,9 @@ def encode_request_bytes(call_id: int, layer: int, hidden: torch.Tensor, expert_
 
 
 def encode_request(call_id: int, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                   gates: torch.Tensor) -> pb.ForwardRequest:
+                   expert_probs: torch.Tensor) -> pb.ForwardRequest:
     """The same as a protobuf message object (for tools and tests)."""
-    return pb.ForwardRequest.FromString(encode_request_bytes(call_id, layer, hidden, expert_ids, gates))
+    return pb.ForwardRequest.FromString(encode_request_bytes(call_id, layer, hidden, expert_ids, expert_probs))
 
 
 def encode_response_bytes(call_id: int, wire_dtype: int, partial: torch.Tensor, compute_seconds: float) -> bytes:
@@ -143,12 +154,13 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview):
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
     """Yield (field number, wire type, value) where value is an int or a memoryview; bounds-checked."""
     pos = 0
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
         number, wire_type = key >> 3, key & 7
+        value: int | memoryview
         if wire_type == 0:
             value, pos = _read_varint(buf, pos)
         elif wire_type == 1:
@@ -209,7 +221,7 @@ class DecodedRequest:
     layer: int
     hidden: torch.Tensor  # [N, D]
     expert_ids: torch.Tensor  # [N, K] int64
-    gates: torch.Tensor  # [N, K] f32
+    expert_probs: torch.Tensor  # [N, K] f32
 
 
 def decode_request(req: pb.ForwardRequest, limits: ShardLimits) -> DecodedRequest:
@@ -255,9 +267,9 @@ def decode_request(req: pb.ForwardRequest, limits: ShardLimits) -> DecodedReques
     if not np.isfinite(gates_np).all():
         raise WireError("gates", "must all be finite")
     expert_ids = torch.from_numpy(ids.astype(np.int64))
-    gates = torch.from_numpy(gates_np.copy())
+    expert_probs = torch.from_numpy(gates_np.copy())
     hidden = bytes_to_tensor(req.hidden, dtype, (n_rows, limits.hidden_size))
-    return DecodedRequest(req.layer, hidden, expert_ids, gates)
+    return DecodedRequest(req.layer, hidden, expert_ids, expert_probs)
 
 
 def decode_partial(resp: ResponseView, n_rows: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -266,7 +278,7 @@ def decode_partial(resp: ResponseView, n_rows: int, hidden_size: int, dtype: tor
     if resp.num_rows != n_rows or resp.partial.nbytes != expected or WIRE_DTYPES.get(resp.dtype) != dtype:
         raise WireError("partial", f"answer of {resp.num_rows} rows / {resp.partial.nbytes} bytes, expected "
                                    f"{n_rows} rows / {expected} bytes of {dtype}")
-    return torch.frombuffer(resp.partial, dtype=torch.uint8).view(dtype).view(n_rows, hidden_size)
+    return bytes_to_tensor(resp.partial, dtype, (n_rows, hidden_size))
 
 
 def model_id(config) -> str:

@@ -16,9 +16,6 @@ class LoopThread:
         """Run a coroutine on this loop from another thread and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def submit(self, coro) -> asyncio.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
