@@ -20,7 +20,6 @@ from pydantic import BaseModel
 from grokserve.model.checkpoint import FORMATS, CheckpointError
 
 Handler = Callable[[argparse.Namespace], int]
-log = logging.getLogger(__name__)
 
 
 def add_settings_options(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str = "",
@@ -140,14 +139,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     from grokserve.cluster.spec import load_spec
 
     spec = load_spec(args.spec)
-    started_head = False
+    head = None
     address = args.address
     if not address:
-        address = session.start_local_head(args.ray_port, args.num_cpus or session.local_cpus(spec))
-        started_head = True
-    session.save_state({"address": address, "app": spec.name, "started_head": started_head,
+        head = session.start_local_head(args.ray_port, args.num_cpus or session.local_cpus(spec))
+        address = head["address"]
+    session.save_state({"address": address, "app": spec.name, "head": head,
                         "host": spec.router.host, "port": spec.router.grpc_port})
     session.connect(address)
+    session.quiet_ray_logs()
     print(f"deploying '{spec.name}' ({spec.model.checkpoint}) on Ray at {address} ...", flush=True)
     bar, progress = _readiness_bar()
     stats = session.deploy(spec, args.timeout, progress)
@@ -184,6 +184,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         load = router["load"]
         print(f"router: port {router['port']}  running {load['running']}  waiting {load['waiting']}  "
               f"kv {load['kv_usage']:.0%}  steps {router['steps']}")
+        print("dispatch (as the router sees each replica):")
+        for shard, replicas in sorted(router.get("replicas", {}).items()):
+            for r in replicas:
+                reason = f"  ({r['reason']})" if r["reason"] else ""
+                print(f"  {shard:<24} {r['address']:<22} {r['transport']:<12} {r['state']:<8} "
+                      f"calls {r['calls']}{reason}")
     print("nodes:")
     for node_id, node in report["nodes"].items():
         print(f"  {node_id[:12]} {'alive' if node['alive'] else 'DEAD '} {node['address']} {node['resources']}")
@@ -195,16 +201,22 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     state = session.load_state()
     address = args.address or state.get("address")
-    if address:
+    app = args.app or state.get("app", "grokserve")
+    head = state.get("head") if not args.address else None
+    summary = []
+    if address and head is None:  # a cluster we joined: remove our application only, leave Serve and Ray
         try:
             session.connect(address)
-            session.teardown(None)
+            session.quiet_ray_logs()
+            session.teardown(app)
+            summary.append(f"application '{app}' deleted from the Ray cluster at {address}")
         except Exception as exc:  # the cluster may already be gone
             print(f"grokserve down: {exc}", file=sys.stderr)
-    if state.get("started_head") and not args.address:
-        session.stop_local_head()
+    if head is not None:  # the head `up` started: stop exactly its processes (and so our application)
+        stopped = session.stop_local_head(head)
+        summary.append(f"local Ray head {head['address']} stopped ({stopped} processes)")
     session.STATE_FILE.unlink(missing_ok=True)
-    print("grokserve is down")
+    print(f"grokserve is down: {'; '.join(summary) or 'nothing was running'}")
     return 0
 
 
@@ -358,8 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("down", help="remove the application (and stop the local Ray that `up` started)")
+    p = sub.add_parser("down", help="remove the application (and stop the local Ray that `up` started)",
+                       description="Stop what `grokserve up` started: its local Ray head (only that one), or, on a "
+                                   "cluster it joined, only its Serve application.")
     p.add_argument("--address", help="Ray cluster address (the cluster itself is left running)")
+    p.add_argument("--app", help="application name (default: the one `up` deployed)")
     p.set_defaults(handler=cmd_down)
 
     p = sub.add_parser("demo", help="start a local cluster, answer one gRPC request, stop it",

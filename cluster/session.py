@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 STATE_FILE = Path(os.environ.get("GROKSERVE_STATE", Path.home() / ".grokserve" / "cluster.json"))
 DEFAULT_RAY_PORT = 6380
 
@@ -46,20 +48,58 @@ def _ray_cli() -> str:
     return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
 
 
-def start_local_head(port: int = DEFAULT_RAY_PORT, num_cpus: int | None = None) -> str:
+def start_local_head(port: int = DEFAULT_RAY_PORT, num_cpus: int | None = None) -> dict:
+    """Start a Ray head of our own, in a temp dir of its own; returns what `stop_local_head` needs to stop
+    exactly it: the address, the session directory and the PIDs of its processes."""
     loopback_env()
+    temp_dir = Path(os.environ["RAY_TMPDIR"]) / f"head-{port}"
     args = [_ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-            "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={os.environ['RAY_TMPDIR']}"]
+            "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
     result = subprocess.run(args, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"ray start failed: {result.stderr.strip()[-2000:]}")
-    return f"127.0.0.1:{port}"
+    session_dir = str((temp_dir / "session_latest").resolve())
+    return {"address": f"127.0.0.1:{port}", "session_dir": session_dir,
+            "pids": [[p.pid, p.create_time()] for p in _session_processes(session_dir)]}
 
 
-def stop_local_head() -> None:
-    subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, text=True)
+def _session_processes(session_dir: str) -> list[psutil.Process]:
+    """The Ray system processes of one head (gcs, raylet, monitors...): their command lines name its session
+    directory, which no other Ray cluster shares."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(session_dir in part for part in proc.info["cmdline"] or ()):
+                found.append(proc)
+    return found
+
+
+def stop_local_head(head: dict, timeout: float = 15.0) -> int:
+    """Stop the Ray head `start_local_head` started — its system processes and their children (Ray workers,
+    Serve replicas) — and nothing else. Returns how many processes were stopped."""
+    procs: dict[int, psutil.Process] = {}
+    for pid, created in head.get("pids", []):
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) < 1e-3:  # the same process, not a reused PID
+                procs[pid] = proc
+    if head.get("session_dir"):
+        procs.update({p.pid: p for p in _session_processes(head["session_dir"])})
+    for proc in list(procs.values()):
+        with contextlib.suppress(psutil.Error):
+            procs.update({child.pid: child for child in proc.children(recursive=True)})
+    procs.pop(os.getpid(), None)
+    for proc in procs.values():
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
 
 
 def save_state(state: dict) -> None:
@@ -138,6 +178,7 @@ def deploy(spec, blocking_timeout: float, progress=None) -> dict:
 
 
 def teardown(app_name: str | None = None) -> None:
+    """Delete one application (or, with None, shut Serve down); the registry goes with the last application."""
     import ray
     from ray import serve
 
@@ -147,6 +188,8 @@ def teardown(app_name: str | None = None) -> None:
         serve.delete(app_name)
     else:
         serve.shutdown()
+    if app_name and serve.status().applications:
+        return  # other applications (maybe other grokserve clusters) still use the registry
     with contextlib.suppress(ValueError):  # no registry: nothing was deployed
         ray.kill(ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE))
 

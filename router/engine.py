@@ -70,7 +70,7 @@ class RouterEngine:
         self.recent_steps: collections.deque[StepRecord] = collections.deque(maxlen=1024)
         self._preemptions_seen = 0
         self._wake: asyncio.Event
-        self._task: asyncio.Task = self.loop.run(self._start())
+        self._loop_task: asyncio.Task = self.loop.run(self._start())
 
     async def _start(self) -> asyncio.Task:
         self._wake = asyncio.Event()  # created on the engine's loop, before the loop task can look for it
@@ -84,15 +84,15 @@ class RouterEngine:
 
     def is_alive(self) -> bool:
         """The engine loop is running (it ends only at shutdown or on a bug)."""
-        return not self._task.done()
+        return not self._loop_task.done()
 
     def failure(self) -> str:
         """Why the engine loop ended ('' while it runs)."""
-        if not self._task.done():
+        if not self._loop_task.done():
             return ""
-        if self._task.cancelled():
+        if self._loop_task.cancelled():
             return "cancelled"
-        exc = self._task.exception()
+        exc = self._loop_task.exception()
         return f"{type(exc).__name__}: {exc}" if exc else "stopped"
 
     def submit(self, seq: Sequence) -> None:
@@ -118,7 +118,7 @@ class RouterEngine:
         self._stopping = True
         self.loop.loop.call_soon_threadsafe(self._wake.set)
         with contextlib.suppress(Exception):  # best effort at shutdown
-            self.loop.run(asyncio.wait_for(asyncio.shield(self._task), 10))
+            self.loop.run(asyncio.wait_for(asyncio.shield(self._loop_task), 10))
         if self._owns_loop:
             self.loop.stop()
 
@@ -137,7 +137,9 @@ class RouterEngine:
                 await self._wait_for_work()
                 continue
             try:
-                result = await self.runner.execute(scheduled, 2 if self.limits.micro_batch_overlap else 1)
+                result = await self._execute(scheduled)
+            except RequestTimedOut as exc:
+                self._fail(scheduled, exc)
             except (ShardUnavailable, PlacementMismatch) as exc:
                 self._fail(scheduled, exc)
             except DispatchError as exc:
@@ -154,6 +156,16 @@ class RouterEngine:
         with self._lock:
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 self._finish(seq, StepOutput(error=RouterShuttingDown("router is shutting down")))
+
+    async def _execute(self, scheduled: SchedulerOutput) -> StepResult:
+        """Run the step, but never past the deadline of the last of its requests: a step stuck on a hung shard
+        ends (RequestTimedOut) once none of its requests can still use its result."""
+        step = self.runner.execute(scheduled, 2 if self.limits.micro_batch_overlap else 1)
+        latest = max(chunk.seq.deadline for chunk in scheduled.chunks)
+        try:
+            return await asyncio.wait_for(step, None if latest == float("inf") else latest - time.monotonic())
+        except TimeoutError:
+            raise RequestTimedOut("every request of a stalled engine step passed its deadline") from None
 
     async def _wait_for_work(self) -> None:
         """Sleep until a submission or cancellation, or until the earliest waiting deadline passes."""

@@ -129,7 +129,10 @@ class GenerationService:
                                    f"request did not finish within its deadline "
                                    f"({deadline - seq.arrival:.1f}s)") from None
                 if out.error is not None:
-                    raise _Aborted(status_for(out.error), str(out.error))
+                    code = status_for(out.error)
+                    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
+                        log.warning("request %s failed (%s): %s", seq.request_id, code.name, out.error)
+                    raise _Aborted(code, str(out.error))
                 yield seq, out
                 if out.finish_reason is not None:
                     reason = out.finish_reason

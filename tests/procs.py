@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import time
+import urllib.request
+from collections import defaultdict
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from grokserve.model.checkpoint import read_checkpoint
 from grokserve.router.assembly import build_router, discover_plan
@@ -53,7 +57,8 @@ class RouterHarness:
     """A router (service + engine) running in this process on its own event loop thread."""
 
     def __init__(self, checkpoint, workers: list[str] | None = None, limits: EngineLimits | None = None,
-                 metrics: bool = False, tls=None, tokens=None, dispatch_tls=None):
+                 metrics: bool = False, tls=None, tokens=None, dispatch_tls=None,
+                 dispatch: DispatchSettings | None = None):
         self.thread = LoopThread("test-router")
         plan = endpoints = None
         if workers:
@@ -61,7 +66,7 @@ class RouterHarness:
             plan, endpoints = discover_plan(workers, config, tls=dispatch_tls)
         self.router = build_router(checkpoint, plan=plan, endpoints=endpoints,
                                    limits=limits or EngineLimits(kv_cache_mb=4),
-                                   dispatch=DispatchSettings(deadline_s=3.0), dispatch_tls=dispatch_tls)
+                                   dispatch=dispatch or DispatchSettings(deadline_s=3.0), dispatch_tls=dispatch_tls)
         self.metrics_port = serve_metrics(self.router.metrics.registry, "127.0.0.1", 0) if metrics else None
         service = GenerationService(self.router.engine, self.router.tokenizer, self.router.model_id)
         self.server, self.port = self.thread.run(start_router_server(service, "127.0.0.1", 0, tls, tokens))
@@ -84,3 +89,17 @@ class RouterHarness:
         self.thread.run(self.server.stop(grace=1))
         self.router.shutdown()
         self.thread.stop()
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict, float]]]:
+    """sample name → [(labels, value)], from a real HTTP GET of /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples: dict[str, list[tuple[dict, float]]] = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name].append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples, name: str, **labels) -> float:
+    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == str(x) for k, x in labels.items()))

@@ -49,6 +49,7 @@ async def run_worker(settings: WorkerSettings) -> None:
     metrics = f" metrics :{worker.metrics_port}" if worker.metrics_port else ""
     announce_serving("worker", worker.address, f"shard {shard}{more}{metrics}")
     await stop.wait()
+    log.info("worker on %s asked to stop", worker.address)
     await worker.stop()
 
 

@@ -4,32 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
-from collections import defaultdict
 
 import grpc
 import pytest
-from procs import RouterHarness, WorkerProc
-from prometheus_client.parser import text_string_to_metric_families
+from procs import RouterHarness, WorkerProc, scrape, total
 
 from grokserve.client import Client
 from grokserve.model.checkpoint import read_checkpoint
 from grokserve.transport.placement import auto_plan
 from grokserve.v1 import generation_pb2 as gen_pb
-
-
-def scrape(port: int) -> dict[str, list[tuple[dict, float]]]:
-    """sample name → [(labels, value)], from a real HTTP GET of /metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples: dict[str, list[tuple[dict, float]]] = defaultdict(list)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[sample.name].append((sample.labels, sample.value))
-    return samples
-
-
-def total(samples, name: str, **labels) -> float:
-    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == str(x) for k, x in labels.items()))
 
 
 @pytest.fixture(scope="module")
