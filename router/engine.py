@@ -36,10 +36,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What one engine step computed: all its tokens, and how many sequences it decoded together."""
+    """What one engine step computed: all its tokens, how many sequences it decoded together, and its wall
+    time from scheduling to the last output handed to a sink."""
 
     tokens: int
     decode_sequences: int
+    seconds: float
 
 
 class RouterEngine:
@@ -128,6 +130,7 @@ class RouterEngine:
         # No autograd on this thread (an inference_mode block cannot span the awaits of two interleaved halves).
         torch.set_grad_enabled(False)
         while not self._stopping:
+            started = time.perf_counter()
             with self._lock:
                 self._drop_ended()
                 scheduled = self.scheduler.schedule()
@@ -149,7 +152,7 @@ class RouterEngine:
                 log.exception("engine step failed")
                 self._fail(scheduled, StepFailed(f"engine step failed: {type(exc).__name__}: {exc}"))
             else:
-                self._finish_step(scheduled, result)
+                self._finish_step(scheduled, result, started)
             with self._lock:
                 self._update_gauges()
             await asyncio.sleep(0)  # let cancellations and submissions in
@@ -207,12 +210,9 @@ class RouterEngine:
             setattr(output, key, value)
         seq.sink(output)
 
-    def _finish_step(self, scheduled: SchedulerOutput, result: StepResult) -> None:
+    def _finish_step(self, scheduled: SchedulerOutput, result: StepResult, started: float) -> None:
         self.steps += 1
-        record = StepRecord(tokens=result.num_tokens, decode_sequences=sum(c.is_decode for c in scheduled.chunks))
-        self.recent_steps.append(record)
         self.metrics.expert_choices.end_step()
-        self.metrics.step_tokens.observe(record.tokens)
         for chunk in scheduled.chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
         with self._lock:
@@ -223,6 +223,11 @@ class RouterEngine:
                     log.exception("sequence %s failed", chunk.seq.request_id)
                     self._finish(chunk.seq, StepOutput(error=SequenceFailed(
                         f"request {chunk.seq.request_id} failed: {type(exc).__name__}: {exc}")))
+        record = StepRecord(tokens=result.num_tokens, decode_sequences=sum(c.is_decode for c in scheduled.chunks),
+                            seconds=time.perf_counter() - started)
+        self.recent_steps.append(record)
+        self.metrics.step_tokens.observe(record.tokens)
+        self.metrics.step_seconds.observe(record.seconds)
 
     def _update_gauges(self) -> None:
         """Batch and KV gauges, after a step's sequences have advanced or finished. Caller holds the lock."""

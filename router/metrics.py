@@ -91,6 +91,9 @@ class RouterMetrics:
         self.queue_capacity = Gauge("grokserve_request_queue_capacity", "Bound of the admission queue.", registry=r)
         self.kv_usage = Gauge("grokserve_kv_cache_usage_ratio", "Fraction of KV blocks in use.", registry=r)
         self.preemptions = Counter("grokserve_preemptions", "Sequences preempted for KV memory.", registry=r)
+        self.step_seconds = Histogram("grokserve_engine_step_seconds",
+                                      "Wall time of one engine step: schedule, forward, sample, stream.",
+                                      buckets=DISPATCH_BUCKETS, registry=r)
         self.step_tokens = Histogram("grokserve_engine_step_tokens", "Tokens computed per engine step.",
                                      buckets=STEP_TOKEN_BUCKETS, registry=r)
         self.dispatch_layer = Histogram("grokserve_dispatch_layer_round_trip_seconds",

@@ -20,6 +20,16 @@ from grokserve.router.scheduler import ScheduledChunk, SchedulerOutput
 
 
 @dataclass
+class StepInputs:
+    """One forward call's batch: tokens/positions [B, W], query_valid bool [B, W], block_tables [B, max_blocks]."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    query_valid: torch.Tensor
+    block_tables: torch.Tensor
+
+
+@dataclass
 class StepResult:
     """What one step computed: logits [S, V] (f32, on the host) for the chunks that sample, in order."""
 
@@ -55,6 +65,12 @@ class ModelRunner:
 
     async def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Chunks → hidden [B, W, D]."""
+        inputs = self.build_inputs(chunks)
+        return await self.model.forward(inputs.tokens, inputs.positions, inputs.query_valid, self.cache,
+                                        inputs.block_tables)
+
+    def build_inputs(self, chunks: list[ScheduledChunk]) -> StepInputs:
+        """The padded batch of these chunks, on the model's device."""
         width = max(c.num_tokens for c in chunks)
         n_blocks = max(len(c.seq.blocks) for c in chunks)
         tokens = np.zeros((len(chunks), width), dtype=np.int64)
@@ -68,6 +84,5 @@ class ModelRunner:
             valid[b, :chunk.num_tokens] = True
             tables[b, :len(chunk.seq.blocks)] = chunk.seq.blocks
         device = self.device
-        return await self.model.forward(torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device),
-                                        torch.from_numpy(valid).to(device), self.cache,
-                                        torch.from_numpy(tables).to(device))
+        return StepInputs(torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device),
+                          torch.from_numpy(valid).to(device), torch.from_numpy(tables).to(device))

@@ -84,8 +84,7 @@ def test_an_extreme_request_never_changes_its_batch(local_router, reference, pro
     assert all(math.isfinite(entry.sampled.logprob) for entry in odd.logprobs)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(odd=st.fixed_dictionaries({}, optional={
+ODD_REQUESTS = st.fixed_dictionaries({}, optional={
     "temperature": st.floats(min_value=0, allow_nan=False, allow_infinity=False, width=32),
     "top_p": st.floats(min_value=0, max_value=1, allow_nan=False, width=32),
     "top_k": st.integers(0, 2**31 - 1),
@@ -93,8 +92,23 @@ def test_an_extreme_request_never_changes_its_batch(local_router, reference, pro
     "logprobs": st.integers(0, 20),
     "max_tokens": st.integers(1, 20),
     "stop_token_ids": st.lists(st.integers(0, 511), max_size=32),
-}))
+})
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(odd=ODD_REQUESTS)
 def test_any_valid_request_mixed_into_a_batch_never_changes_the_others(local_router, reference, prompts, odd):
+    _check_batch_unchanged(local_router, reference, prompts, odd)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(odd=ODD_REQUESTS)
+def test_any_valid_request_never_changes_the_others_long_run(local_router, reference, prompts, odd):
+    _check_batch_unchanged(local_router, reference, prompts, odd)
+
+
+def _check_batch_unchanged(local_router, reference, prompts, odd):
     normal, outcome = asyncio.run(_batch_with(local_router.address, prompts, odd, n=4))
     for i, answer in enumerate(normal):
         assert not isinstance(answer, BaseException), (odd, answer)
