@@ -131,6 +131,7 @@ def decode_through_router(device: str, small: bool, steps: int, batch: int) -> d
         try:
             plan, endpoints = discover_plan([address], config)
             router = build_router(tmp, "bfloat16", device, plan, endpoints)
+            from grokserve.model.batch import padded_batch
             from grokserve.model.kv_cache import ContiguousKVCache
 
             model = router.engine.model
@@ -141,9 +142,9 @@ def decode_through_router(device: str, small: bool, steps: int, batch: int) -> d
             times = []
             for position in range(steps):
                 start = time.perf_counter()
-                step = model.forward(tokens, torch.full((batch, 1), position, device=device), valid, cache, rows)
-                hidden = router.loop.run(step)  # on the engine's loop, which the dispatcher lives on
-                tokens = model.dense.head(hidden[:, 0]).argmax(-1, keepdim=True)
+                inputs = padded_batch(tokens, torch.full((batch, 1), position, device=device), valid, rows)
+                hidden = router.loop.run(model.forward(inputs, cache))  # on the engine's loop (the dispatcher's)
+                tokens = model.dense.head(hidden).argmax(-1, keepdim=True)  # [B, 1]
                 sync(torch.device(device))
                 times.append(time.perf_counter() - start)
             router.shutdown()

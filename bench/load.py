@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,32 +93,53 @@ async def run_level(address: str, requests: list, concurrency: int, rate: float 
             "ttft_s": percentiles(ttft), "itl_s": percentiles(itl), "e2e_s": percentiles(e2e)}
 
 
-def start_process(args: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def start_process(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in proc.stdout:
         if "SERVING on" in line:
             return proc, line.split("SERVING on ")[1].split()[0]
     raise RuntimeError(f"failed to start: {' '.join(args)}")
 
 
-def start_system(kind: str, checkpoint: Path, threads: int, metrics: bool = False, overlap: bool = False
-                 ) -> tuple[list[subprocess.Popen], str]:
+# top-level folder → grokserve subpackage, as pyproject's package-dir maps them
+PACKAGES = {"model": "model", "transport": "transport", "router": "router", "workers": "workers",
+            "cluster": "cluster", "client": "client", "v1": "proto/grokserve/v1"}
+
+
+def source_env(checkout: Path | None) -> dict | None:
+    """An environment whose `import grokserve` loads the sources of another checkout (e.g. a worktree of main
+    before a change), so both revisions run in one benchmark run; None: this tree."""
+    if checkout is None:
+        return None
+    package = Path(tempfile.mkdtemp(prefix="grokserve-baseline-")) / "grokserve"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name, folder in PACKAGES.items():
+        if (checkout / folder).is_dir():
+            (package / name).symlink_to((checkout / folder).resolve())
+    return {**os.environ, "PYTHONPATH": str(package.parent)}
+
+
+def start_system(kind: str, checkpoint: Path, threads: int, metrics: bool = False, overlap: bool = False,
+                 checkout: Path | None = None) -> tuple[list[subprocess.Popen], str]:
     """(a) 'distributed': 2 expert workers + a router; (b) 'local': one router with experts in process.
-    With `metrics`, every process collects and serves Prometheus metrics."""
+    With `metrics`, every process collects and serves Prometheus metrics; with `checkout`, the processes run
+    that checkout's code."""
+    env = source_env(checkout)
     cli = [sys.executable, "-m", "grokserve.cluster.cli"]
     metrics_args = ["--metrics-port", "0"] if metrics else []
     procs, workers = [], []
     if kind == "distributed":
         for experts in ("0-3", "4-7"):
             proc, address = start_process([*cli, "worker", "--checkpoint", str(checkpoint), "--experts", experts,
-                                           "--threads", "1", *metrics_args])
+                                           "--threads", "1", *metrics_args], env)
             procs.append(proc)
             workers.append(address)
     router_args = [*cli, "router", "--checkpoint", str(checkpoint), "--port", "0", "--threads", str(threads),
                    *metrics_args, *(["--micro-batch-overlap"] if overlap else [])]
     if workers:
         router_args += ["--workers", ",".join(workers)]
-    proc, address = start_process(router_args)
+    proc, address = start_process(router_args, env)
     procs.append(proc)
     return procs, address
 
@@ -157,9 +180,10 @@ def ab_rounds(args, label: str, options) -> list[dict]:
     return results
 
 
-def sweep_system(name: str, kind: str, args, metrics: bool = False, overlap: bool = False) -> list[dict]:
+def sweep_system(name: str, kind: str, args, metrics: bool = False, overlap: bool = False,
+                 checkout: Path | None = None) -> list[dict]:
     """Start a system, sweep it, stop it."""
-    procs, address = start_system(kind, Path(args.checkpoint), args.router_threads, metrics, overlap)
+    procs, address = start_system(kind, Path(args.checkpoint), args.router_threads, metrics, overlap, checkout)
     try:
         return sweep(name, address, args)
     finally:
@@ -208,6 +232,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", default="16,64", type=lambda s: tuple(int(x) for x in s.split(",")))
     parser.add_argument("--output-tokens", default="32,64", type=lambda s: tuple(int(x) for x in s.split(",")))
     parser.add_argument("--router-threads", type=int, default=1)
+    parser.add_argument("--baseline", type=Path,
+                        help="a checkout of another revision: run its local router (or --baseline-kind) beside this "
+                             "tree's, alternating --rounds times, and print this / baseline throughput")
+    parser.add_argument("--baseline-kind", default="local", choices=("local", "distributed"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     parser.add_argument("--plot")
@@ -227,6 +255,16 @@ def main() -> None:
         results += ab_rounds(args, "metrics", lambda on: {"metrics": on})
     if args.overlap:
         results += ab_rounds(args, "overlap", lambda on: {"overlap": on})
+    if args.baseline:
+        kind = args.baseline_kind
+        for _ in range(args.rounds):
+            results += sweep_system(f"{kind}-baseline", kind, args, checkout=args.baseline)
+            results += sweep_system(kind, kind, args)
+        for c in args.concurrency:
+            def mean(system: str, c=c) -> float:
+                return statistics.mean(r["output_tokens_per_s"] for r in results
+                                       if r["system"] == system and r["concurrency"] == c)
+            print(f"c={c}: {kind} this tree / baseline throughput = {mean(kind) / mean(f'{kind}-baseline'):.2f}")
     summary = {"machine": platform.platform(), "python": platform.python_version(),
                "command": " ".join(sys.argv), "results": results}
     if args.json:
@@ -234,7 +272,7 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot)
     if not results:
-        parser.error("give --address, --compare, --metrics-overhead or --overlap")
+        parser.error("give --address, --compare, --metrics-overhead, --overlap or --baseline")
     print(json.dumps({"median_tokens_per_s": statistics.median(r["output_tokens_per_s"] for r in results)}))
 
 

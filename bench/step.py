@@ -83,7 +83,8 @@ def instrument(router: Router, timer: PartTimer) -> None:
     dense.moe_output = timer.wrap("moe routing", dense.moe_output)
     dense.head = timer.wrap("head", dense.head)
     engine.model.experts.forward = timer.wrap("experts", engine.model.experts.forward)
-    engine._advance = timer.wrap("sampling", engine._advance)  # includes streaming; subtracted below
+    engine._sample = timer.wrap("sampling", engine._sample)
+    engine._advance = timer.wrap("streaming", engine._advance)  # detokenize, stop checks, hand to the sink
     engine.runner.build_inputs = timer.wrap("inputs", engine.runner.build_inputs)
 
 
@@ -93,15 +94,11 @@ def decode_steps(router: Router, batch: int, context: int, steps: int, dtype_nam
     engine = router.engine
     config = engine.config
     rng = random.Random(batch)
-    streamed = {"seconds": 0.0}
     done = collections.Counter()
 
-    def sink(out: StepOutput) -> None:  # what the gRPC service does per output, minus the network
-        start = time.perf_counter()
+    def sink(out: StepOutput) -> None:  # the gRPC service's sink, minus the network
         if out.finish_reason or out.error:
             done["finished"] += 1
-        if timer.active:
-            streamed["seconds"] += time.perf_counter() - start
 
     sequences = []
     for i in range(batch):
@@ -115,7 +112,6 @@ def decode_steps(router: Router, batch: int, context: int, steps: int, dtype_nam
         time.sleep(0.005)
     before = len(engine.recent_steps)
     timer.seconds.clear()
-    streamed["seconds"] = 0.0
     timer.active = True
     first_step = engine.steps
     aten = None
@@ -132,8 +128,6 @@ def decode_steps(router: Router, batch: int, context: int, steps: int, dtype_nam
         time.sleep(0.01)
     n = len(records)
     parts = {part: timer.seconds.get(part, 0.0) / n for part in PARTS}
-    parts["streaming"] = streamed["seconds"] / n
-    parts["sampling"] -= parts["streaming"]
     step = statistics.median(r.seconds for r in records)
     return {"batch": batch, "context": context, "dtype": dtype_name, "steps": n, "step_seconds": step,
             "step_seconds_mean": statistics.fmean(r.seconds for r in records), "parts_seconds": parts,
@@ -167,6 +161,7 @@ def matmul_replay(router: Router, batch: int, context: int, repeat: int) -> dict
     counts = torch.bincount(ids.reshape(-1), minlength=c.n_experts).tolist()
     keys = torch.randn(batch, c.n_kv_heads, context, c.head_dim).to(dt)
     queries = torch.randn(batch, c.n_kv_heads, c.q_per_kv, c.head_dim).to(dt)
+    attention_out = torch.randn(batch, c.q_width).to(dt)
 
     def step() -> None:
         for layer in range(c.n_layers):
@@ -176,7 +171,7 @@ def matmul_replay(router: Router, batch: int, context: int, repeat: int) -> dict
                     F.linear(x, w[name])
             logits = torch.matmul(queries, keys.transpose(-1, -2))  # [B, Hkv, G, S]
             torch.matmul(logits, keys)  # p·v has the same shape as q·kᵀ's transpose
-            F.linear(torch.empty(batch, c.q_width, dtype=dt), w["wo"])
+            F.linear(attention_out, w["wo"])
             F.linear(x.float(), w["router"])
             stack = experts.stacks[layer]
             for e, n in enumerate(counts):

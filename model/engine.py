@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from grokserve.model.batch import padded_batch
 from grokserve.model.checkpoint import LoadedCheckpoint, read_checkpoint
 from grokserve.model.config import GrokConfig
 from grokserve.model.dense import DenseModel, ExpertBackend, GrokModel
@@ -51,13 +52,18 @@ class ReferenceEngine:
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
              cache: ContiguousKVCache, rows: torch.Tensor) -> torch.Tensor:
-        """One forward call (GrokModel.forward) over cache rows [B], run to completion → hidden [B, T, D]."""
-        step = self.model.forward(tokens, positions, query_valid, cache, rows)
+        """One forward call over cache rows [B] of right-padded tokens/positions/query_valid [B, T], run to
+        completion → hidden [B, T, D] (zeros at padding)."""
+        step = self.model.forward(padded_batch(tokens, positions, query_valid, rows), cache)
         if self._own_loop is not None:
             with torch.inference_mode():
-                return self._own_loop.run_until_complete(step)
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(_without_grad(step), self.loop).result()
+                hidden = self._own_loop.run_until_complete(step)
+        else:
+            assert self.loop is not None
+            hidden = asyncio.run_coroutine_threadsafe(_without_grad(step), self.loop).result()
+        out = hidden.new_zeros(*tokens.shape, hidden.shape[-1])
+        out[query_valid] = hidden  # the batch's flat tokens are the valid slots in row-major order
+        return out
 
     @classmethod
     def from_loaded(cls, ckpt: LoadedCheckpoint, dtype: str = "float32", experts: ExpertBackend | None = None,

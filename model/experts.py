@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 
 from grokserve.model import layers
@@ -25,8 +26,10 @@ class ExpertShardError(ValueError):
 class LocalExperts:
     """The experts of one shard, in this process: stacked weights per layer, and their FFN computation.
 
-    For layer L: w_gate/w_up [E_L, F, D], w_down [E_L, D, F], and `local_index[L][e]` = row of expert e
-    in the stacks (-1 when not held).
+    For layer L: w_gate/w_up [E_L, F, D] and w_down [E_L, D, F] in the activation dtype, and `local_index[L][e]`
+    = row of expert e in the stacks (-1 when not held). On CPU in bf16 mode the down projection is kept in
+    f32 (converted once, exactly): the reference's down projection is an f32 matmul, and converting the
+    weight on every call would copy it each time.
     """
 
     def __init__(self, config: GrokConfig, shard: Mapping[int, Iterable[int]], dtype: torch.dtype,
@@ -36,8 +39,9 @@ class LocalExperts:
         self.device = torch.device(device)
         self.shard: dict[int, tuple[int, ...]] = {int(k): tuple(sorted(set(v))) for k, v in shard.items()}
         self.fast_down = self.device.type == "cuda"  # see layers.expert_ffn
+        down_dtype = dtype if self.fast_down else torch.float32
         self.stacks: dict[int, dict[str, torch.Tensor]] = {}
-        self.local_index: dict[int, torch.Tensor] = {}
+        self.local_index: dict[int, np.ndarray] = {}
         for layer, experts in self.shard.items():
             if not 0 <= layer < config.n_layers:
                 raise ExpertShardError(f"layer {layer} out of range [0, {config.n_layers})")
@@ -45,12 +49,13 @@ class LocalExperts:
                 if not 0 <= e < config.n_experts:
                     raise ExpertShardError(f"expert {e} out of range [0, {config.n_experts})")
             self.stacks[layer] = {
-                what: torch.stack([materialize(params[expert_name(layer, e, what)], dtype) for e in experts])
+                what: torch.stack([materialize(params[expert_name(layer, e, what)],
+                                               down_dtype if what == "w_down" else dtype) for e in experts])
                 .to(self.device).contiguous()
                 for what in EXPERT_MATRICES
             }
-            index = torch.full((config.n_experts,), -1, dtype=torch.int64)
-            index[list(experts)] = torch.arange(len(experts))
+            index = np.full(config.n_experts, -1, dtype=np.int64)
+            index[list(experts)] = np.arange(len(experts))
             self.local_index[layer] = index  # host-side: routing plans are made on the host
 
     def resident_bytes(self) -> int:
@@ -66,37 +71,42 @@ class LocalExperts:
         """hidden [N, D], expert_ids int [N, K] (NO_EXPERT slots skipped), expert_probs f32 [N, K] → [N, D].
 
         Σ_k bf16-rounded-prob · expert(x) accumulated in f32, rounded once to `out_dtype` (docs/grok1.md §3).
-        Rows are grouped by expert: one gathered matmul chain per held expert, no per-token loop.
+        Rows are grouped by expert with a routing plan made on the host (numpy: microseconds, no device
+        sync): per used expert one gather of its rows, three matmuls and one scatter-add.
         """
         if layer not in self.stacks:
             raise ExpertShardError(f"layer {layer} is not held by this shard")
         stack = self.stacks[layer]
-        n_rows, _ = hidden.shape
-        out = torch.zeros(n_rows, self.config.d_model, dtype=torch.float32, device=hidden.device)  # [N, D]
+        n_rows = hidden.shape[0]
+        out_dtype = out_dtype or self.dtype
         if n_rows == 0:
-            return out.to(out_dtype or self.dtype)
-        # The reference rounds the probability to the activation dtype before multiplying.
-        probs = expert_probs.to(self.dtype).float()
-        # The routing plan is made on the host (ids arrive there on a worker): no device sync in a layer.
-        flat_ids = expert_ids.reshape(-1).cpu()  # [N·K]
-        valid = flat_ids != NO_EXPERT
-        local = torch.where(valid, self.local_index[layer][flat_ids.clamp(min=0)], -1)  # [N·K]
-        if bool((valid & (local < 0)).any()):
-            bad = sorted({int(e) for e in flat_ids[valid & (local < 0)].tolist()})
+            return torch.zeros(0, self.config.d_model, dtype=out_dtype, device=hidden.device)
+        ids = expert_ids.cpu().numpy()  # [N, K]
+        local = np.where(ids != NO_EXPERT, self.local_index[layer][np.clip(ids, 0, None)], -1)  # [N, K]
+        if ((ids != NO_EXPERT) & (local < 0)).any():
+            bad = sorted({int(e) for e in ids[(ids != NO_EXPERT) & (local < 0)]})
             raise ExpertShardError(f"layer {layer}: experts {bad} are not held by this shard")
-        order = torch.argsort(local, stable=True)
-        counts = torch.bincount(local[local >= 0], minlength=len(self.shard[layer])).tolist()
-        start = int((local < 0).sum())
-        order = order.to(hidden.device, non_blocking=True)
-        k = expert_ids.shape[1]
-        flat_probs = probs.reshape(-1)
-        for idx, count in enumerate(counts):
-            if count == 0:
+        # The reference rounds the probability to the activation dtype before multiplying.
+        probs = expert_probs.to(self.dtype).float() if self.dtype != torch.float32 else expert_probs.float()
+        flat = local.reshape(-1)  # [N·K] slot → local expert (-1: not here)
+        order = np.argsort(flat, kind="stable")
+        counts = np.bincount(flat[flat >= 0], minlength=len(self.shard[layer]))
+        start = int((flat < 0).sum())
+        k = ids.shape[1]
+        out = None
+        for idx in np.flatnonzero(counts).tolist():
+            slots = order[start:start + counts[idx]]  # flat (row, k) slots routed to this expert
+            start += counts[idx]
+            rows = torch.from_numpy(slots // k).to(hidden.device, non_blocking=True)
+            slot_probs = probs.reshape(-1)[torch.from_numpy(slots).to(hidden.device, non_blocking=True)]
+            y = layers.expert_ffn(hidden.index_select(0, rows), stack["w_gate"][idx], stack["w_up"][idx],
+                                  stack["w_down"][idx], self.fast_down).mul_(slot_probs[:, None])
+            if out is None and len(slots) == n_rows and k == 1:
+                out = y
                 continue
-            slots = order[start:start + count]  # flat (row, k) slots routed to this expert
-            start += count
-            rows = slots // k
-            y = layers.expert_ffn(hidden[rows], stack["w_gate"][idx], stack["w_up"][idx], stack["w_down"][idx],
-                                  self.fast_down)
-            out.index_add_(0, rows, y * flat_probs[slots, None])
-        return out.to(out_dtype or self.dtype)
+            if out is None:
+                out = torch.zeros(n_rows, self.config.d_model, dtype=torch.float32, device=hidden.device)  # [N, D]
+            out.index_add_(0, rows, y)
+        if out is None:
+            out = torch.zeros(n_rows, self.config.d_model, dtype=torch.float32, device=hidden.device)
+        return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -17,20 +17,21 @@ from grokserve.model.config import GrokConfig
 
 @dataclass
 class StepKV:
-    """One forward call's view of a cache: the attention mask, and per layer a write-then-read of K/V.
-
-    Each call gets its own, so two halves of an engine step (micro-batch overlap) can run interleaved.
+    """One forward call's view of a cache: which keys each query may not see, and per layer a write-then-read
+    of K/V. Each call gets its own, so two halves of an engine step (micro-batch overlap) can run interleaved.
     """
 
-    mask: torch.Tensor  # bool [B, T, S]: query t of row b may attend key s
+    hidden: torch.Tensor  # bool [B, 1, 1, T, S]: key s is NOT visible to query t of row b (broadcasts over heads)
     update: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     # update(layer, k [B, T, Hkv, d], v) writes this call's keys and returns all keys/values [B, S, Hkv, d]
 
 
-def causal_mask(visible: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """visible bool [B, S] (key s is a real token), positions [B, T] → mask [B, T, S]: key s ≤ query position."""
+def hidden_keys(visible: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """visible bool [B, S] (key s is a real token), positions [B, T] → hidden bool [B, 1, 1, T, S]: the keys a
+    query may not attend, i.e. not a real token or at a position after the query's."""
     key_pos = torch.arange(visible.shape[1], device=positions.device)  # [S]
-    return visible[:, None, :] & (key_pos[None, None, :] <= positions[:, :, None])
+    allowed = visible[:, None, :] & (key_pos[None, None, :] <= positions[:, :, None])  # [B, T, S]
+    return (~allowed)[:, None, None]
 
 
 class KVCache(Protocol):
@@ -51,10 +52,11 @@ class ContiguousKVCache:
 
     def __init__(self, config: GrokConfig, rows: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
-        shape = (config.n_layers, rows, max_len, config.n_kv_heads, config.head_dim)
+        # one scratch slot past the end takes the writes of padding slots; it is never visible
+        shape = (config.n_layers, rows, max_len + 1, config.n_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
+        self.key_valid = torch.zeros(rows, max_len + 1, dtype=torch.bool, device=device)
         self.max_len = max_len
 
     def begin_step(self, storage: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
@@ -65,13 +67,15 @@ class ContiguousKVCache:
         if int(positions.max()) >= self.max_len or int(positions.min()) < 0:
             raise ValueError(f"positions must lie in [0, {self.max_len}); got up to {int(positions.max())}")
         row_index = rows[:, None].expand_as(positions)  # [B, T]
-        self.key_valid[row_index, positions] = key_valid
+        written = torch.where(query_valid, positions, self.max_len)  # padding writes the scratch slot
+        self.key_valid[row_index, written] = key_valid
+        self.key_valid[:, self.max_len] = False
         span = int(positions.max()) + 1  # keys beyond the furthest position are never visible
-        mask = causal_mask(self.key_valid[rows, :span], positions)  # [B, T, S]
+        hidden = hidden_keys(self.key_valid[rows, :span], positions)  # [B, 1, 1, T, S]
 
         def update(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            self.k[layer][row_index, positions] = k
-            self.v[layer][row_index, positions] = v
+            self.k[layer][row_index, written] = k
+            self.v[layer][row_index, written] = v
             return self.k[layer][rows, :span], self.v[layer][rows, :span]
 
-        return StepKV(mask, update)
+        return StepKV(hidden, update)

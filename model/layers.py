@@ -2,7 +2,8 @@
 
 Both halves of the model use these: the dense half (router replicas) and the expert half (workers).
 The dtype flow follows the reference (docs/grok1.md §3): activations in `dtype`; norm, RoPE, softmax and
-router internals in f32.
+router internals in f32. Written for few tensor ops per call (decode steps are dominated by per-op
+overhead): no-op casts are skipped, RoPE angles come from a table, the mask is inverted once per step.
 """
 
 from __future__ import annotations
@@ -14,51 +15,69 @@ MASK_FILL = -1e30  # finite, as in the reference: a fully masked row gives a uni
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., D] (any dtype), scale f32 [D] → x.dtype. Normalise in f32, scale, round once."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (scale * y).to(x.dtype)
+    """x [..., D] (any dtype), scale f32 [D] → x.dtype. Normalise in f32, multiply by the scale, round once:
+    scale · (x · rsqrt(mean(x²) + eps)), which is exactly what torch's rms_norm computes in f32."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, scale.shape, scale, eps)
+    return F.rms_norm(x.float(), scale.shape, scale, eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions int [B, T] → cos, sin f32 [B, T, 1, head_dim] (half-split layout: angles tiled twice)."""
+    """positions int [...] → cos, signed_sin f32 [..., head_dim] for `apply_rope`.
+
+    Half-split layout: the angles are tiled twice; signed_sin is [-sin, sin] so that rotate_half(x)·sin
+    = roll(x, d/2)·signed_sin.
+    """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, d/2]
-    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [B, T, 1, d]
-    return angles.cos(), angles.sin()
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., d/2]
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, d] → same dtype. Pairs (i, i+d/2) rotate together (NeoX / rotate_half), math in f32."""
-    xf = x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+class RopeTable:
+    """cos and signed sin for every position of the context, computed once (the same values as
+    `rope_cos_sin` computes per call), looked up per step."""
+
+    def __init__(self, max_positions: int, head_dim: int, base: float, device: torch.device | str = "cpu"):
+        self.cos, self.signed_sin = rope_cos_sin(torch.arange(max_positions, device=device), head_dim, base)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] → cos, signed_sin [..., 1, d] (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(-2), self.signed_sin[positions].unsqueeze(-2)
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    logit_multiplier: float,
-    logit_cap: float,
-) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [..., H, d], cos/signed_sin [..., 1, d] → same dtype. Pairs (i, i+d/2) rotate together (NeoX /
+    rotate_half), math in f32: x·cos + rotate_half(x)·sin, with rotate_half(x) = [-x₂, x₁] written as
+    roll(x, d/2)·[-1, 1]."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    out = torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, logit_multiplier: float,
+              logit_cap: float) -> torch.Tensor:
     """Grouped-query attention with Grok-1's capped logits.
 
-    q [B, T, Hq, d], k/v [B, S, Hkv, d], mask bool [B, T, S] (True = may attend) → [B, T, Hq·d].
-    Query head h reads KV head h // (Hq/Hkv).
+    q [B, T, Hq, d], k/v [B, S, Hkv, d], hidden bool [B, 1, 1, T, S] (True = key s is NOT visible to query t)
+    → [B, T, Hq·d]. Query head h reads KV head h // (Hq/Hkv).
     """
     batch, steps, n_q, head_dim = q.shape
     n_kv = k.shape[2]
-    q = q.view(batch, steps, n_kv, n_q // n_kv, head_dim)  # [B, T, Hkv, G, d]
-    logits = torch.einsum("btkgd,bskd->bkgts", q, k)  # [B, Hkv, G, T, S], rounded to q.dtype like the reference
-    logits = logits.float() * logit_multiplier
-    logits = logit_cap * torch.tanh(logits / logit_cap)
-    logits = logits.masked_fill(~mask[:, None, None, :, :], MASK_FILL)
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    out = torch.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, Hkv, G, d]
-    return out.reshape(batch, steps, n_q * head_dim)
+    group = n_q // n_kv
+    qh = q.view(batch, steps, n_kv, group, head_dim).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, T, d]
+    qh = qh.reshape(batch, n_kv, group * steps, head_dim)  # the G query heads of a KV head as one matrix
+    logits = torch.matmul(qh, k.permute(0, 2, 3, 1))  # [B, Hkv, G·T, S], in q's dtype (as the reference)
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    logits = logits * logit_multiplier
+    logits = torch.tanh(logits / logit_cap) * logit_cap
+    logits = logits.view(batch, n_kv, group, steps, -1).masked_fill_(hidden, MASK_FILL)  # [B, Hkv, G, T, S]
+    probs = torch.softmax(logits, dim=-1)
+    if probs.dtype != v.dtype:
+        probs = probs.to(v.dtype)
+    out = torch.matmul(probs.view(batch, n_kv, group * steps, -1), v.transpose(1, 2))  # [B, Hkv, G·T, d]
+    return out.view(batch, n_kv, group, steps, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, steps, n_q * head_dim)
 
 
 def select_experts(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int
@@ -69,9 +88,10 @@ def select_experts(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int
     f32 softmax over all experts, then the top-k probabilities *without* renormalisation (docs/grok1.md §2).
     Ties go to the lower expert index, as jax.lax.top_k does.
     """
-    probs = torch.softmax(F.linear(hidden.float(), router_weight.float()), dim=-1)  # [N, E]
+    x = hidden if hidden.dtype == torch.float32 else hidden.float()
+    probs = torch.softmax(F.linear(x, router_weight), dim=-1)  # [N, E]
     expert_probs, expert_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-    return expert_ids[:, :top_k].contiguous(), expert_probs[:, :top_k].contiguous()
+    return expert_ids[:, :top_k], expert_probs[:, :top_k]
 
 
 def expert_ffn(
@@ -80,13 +100,16 @@ def expert_ffn(
     """One expert on its rows: x [n, D] → f32 [n, D]. linear_1(gelu_tanh(x·linear) · (x·linear_v)).
 
     The two input projections run in the activation dtype (bf16 results, as the reference); GELU and the
-    product run in f32, and so does the down projection (docs/grok1.md §3) unless `fast_down`: then it
-    is a bf16 matmul with f32 accumulation on the bf16-rounded product, avoiding an f32 copy of the weight
-    per call (the GPU path; XLA itself would use TF32 for that f32 dot on a GPU).
+    product run in f32, and so does the down projection (docs/grok1.md §3): `w_down` is given in f32 (a
+    bf16 weight converted once, exactly) unless `fast_down`, where it is a bf16 matmul with f32
+    accumulation on the bf16-rounded product (the GPU path: no f32 weight copy; XLA itself would use TF32
+    for that f32 dot on a GPU).
     """
-    gate = F.linear(x, w_gate).float()  # [n, F]
-    up = F.linear(x, w_up).float()  # [n, F]
-    hidden = F.gelu(gate, approximate="tanh") * up  # [n, F] f32
+    gate = F.linear(x, w_gate)  # [n, F]
+    up = F.linear(x, w_up)  # [n, F]
+    if gate.dtype != torch.float32:
+        gate, up = gate.float(), up.float()
+    hidden = F.gelu(gate, approximate="tanh").mul_(up)  # [n, F] f32
     if fast_down and w_down.dtype != torch.float32:
         return F.linear(hidden.to(w_down.dtype), w_down).float()  # [n, D]
-    return F.linear(hidden, w_down.float())  # [n, D] f32
+    return F.linear(hidden, w_down if w_down.dtype == torch.float32 else w_down.float())  # [n, D] f32

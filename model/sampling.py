@@ -81,37 +81,56 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> SampledToken:
-    """logits f32 [V] → one token. Logprobs are of the unfiltered distribution at temperature 1.
+    """logits f32 [V] → one token (see `sample_batch`)."""
+    return sample_batch(logits[None], [params], [generator])[0]
 
-    Safe for every value `validate` accepts: tiny temperatures are greedy, huge ones flatten the
-    distribution, and the filters always keep at least the most likely token.
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+                 ) -> list[SampledToken]:
+    """logits f32 [S, V], one row per sequence → one token each. Logprobs are of the unfiltered distribution at
+    temperature 1.
+
+    Vectorised over the rows: one log-softmax, one argmax (greedy rows) and one top-n over [S, V]; only rows
+    that sample draw alone, each from its own generator, so a sequence's draws depend on its seed and its
+    logits only, never on its batch companions. Safe for every value `validate` accepts: tiny temperatures
+    are greedy, huge ones flatten the distribution, and the filters always keep the most likely token.
     """
-    logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)  # [V]
-    if params.greedy:
-        token = int(torch.argmax(logits))
-    else:
-        scaled = logits / params.temperature
-        if params.top_k > 0 and params.top_k < scaled.numel():
-            kth = torch.topk(scaled, params.top_k).values[-1]
-            scaled = scaled.masked_fill(scaled < kth, -math.inf)
-        if params.top_p < 1.0:
-            sorted_logits, order = torch.sort(scaled, descending=True)
-            sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
-            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
-            drop_sorted[0] = False
-            scaled = scaled.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), -math.inf)
-        probs = torch.softmax(scaled, dim=-1)
-        if not bool(torch.isfinite(probs).all()):  # cannot happen for finite logits; never crash on it
-            token = int(torch.argmax(logits))
-        else:
-            token = int(torch.multinomial(probs, 1, generator=generator))
-    top: list[tuple[int, float]] = []
-    if params.logprobs:
-        values, ids = torch.topk(logprobs, params.logprobs)
-        top = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return SampledToken(token, float(logprobs[token]), top)
+    logits = logits if logits.dtype == torch.float32 else logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)  # [S, V]
+    tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep these
+    for row, p in enumerate(params):
+        if not p.greedy:
+            tokens[row] = _draw(logits[row], p, generators[row])
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    most = max(p.logprobs for p in params)
+    top_ids: list[list[int]] = []
+    top_values: list[list[float]] = []
+    if most:
+        values, ids = torch.topk(logprobs, most, dim=-1)
+        top_ids, top_values = ids.tolist(), values.tolist()
+    return [SampledToken(tokens[row], chosen[row],
+                         list(zip(top_ids[row][:p.logprobs], top_values[row][:p.logprobs], strict=True))
+                         if p.logprobs else [])
+            for row, p in enumerate(params)]
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One draw from logits [V] at the params' temperature, after top-k and top-p."""
+    scaled = logits / params.temperature
+    if params.top_k > 0 and params.top_k < scaled.numel():
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
+        drop_sorted[0] = False
+        scaled = scaled.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), -math.inf)
+    probs = torch.softmax(scaled, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # cannot happen for finite logits; never crash on it
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def finish_reason(token_id: int, params: SamplingParams, stopped_by_text: bool, generated: int,

@@ -15,12 +15,13 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from grokserve.model.dense import GrokModel
-from grokserve.model.sampling import finish_reason, sample
+from grokserve.model.sampling import SampledToken, finish_reason, sample_batch
 from grokserve.router.errors import RequestTimedOut, RouterShuttingDown, SequenceFailed, StepFailed
 from grokserve.router.kv_blocks import BlockAllocator, PagedKVCache, kv_bytes_per_token
 from grokserve.router.metrics import RouterMetrics
@@ -67,6 +68,7 @@ class RouterEngine:
         self._owns_loop = loop is None
         self.loop: LoopThread = loop if loop is not None else LoopThread("router-engine")
         self._lock = threading.Lock()  # guards the scheduler between the service thread and the loop
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[StepOutput], None], StepOutput]]] = {}
         self._stopping = False
         self.steps = 0
         self.recent_steps: collections.deque[StepRecord] = collections.deque(maxlen=1024)
@@ -136,6 +138,8 @@ class RouterEngine:
                 scheduled = self.scheduler.schedule()
                 self._update_gauges()
             if not scheduled:
+                with self._lock:
+                    self._flush_outbox()  # cancellations and deadlines of this round
                 self._wake.clear()
                 await self._wait_for_work()
                 continue
@@ -155,10 +159,12 @@ class RouterEngine:
                 self._finish_step(scheduled, result, started)
             with self._lock:
                 self._update_gauges()
+                self._flush_outbox()
             await asyncio.sleep(0)  # let cancellations and submissions in
         with self._lock:
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 self._finish(seq, StepOutput(error=RouterShuttingDown("router is shutting down")))
+            self._flush_outbox()
 
     async def _execute(self, scheduled: SchedulerOutput) -> StepResult:
         """Run the step, but never past the deadline of the last of its requests: a step stuck on a hung shard
@@ -208,7 +214,20 @@ class RouterEngine:
         output.completion_tokens = len(seq.output_ids)
         for key, value in seq.timings(now).items():
             setattr(output, key, value)
-        seq.sink(output)
+        self._emit(seq, output)
+
+    def _emit(self, seq: Sequence, output: StepOutput) -> None:
+        """Queue an output for its sink; delivered in one batch per event loop at the end of the step."""
+        if seq.sink_loop is None:
+            seq.sink(output)
+        else:
+            self._outbox.setdefault(seq.sink_loop, []).append((seq.sink, output))
+
+    def _flush_outbox(self) -> None:
+        """One thread-safe wake-up per client loop per step, instead of one per token."""
+        for loop, items in self._outbox.items():
+            loop.call_soon_threadsafe(_deliver, items)
+        self._outbox = {}
 
     def _finish_step(self, scheduled: SchedulerOutput, result: StepResult, started: float) -> None:
         self.steps += 1
@@ -216,13 +235,17 @@ class RouterEngine:
         for chunk in scheduled.chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
         with self._lock:
-            for chunk, logits in zip(result.sampling_chunks, result.logits, strict=True):
+            live = [(i, c.seq) for i, c in enumerate(result.sampling_chunks) if not (c.seq.finished or c.seq.cancelled)]
+            tokens = self._sample([seq for _, seq in live], result.logits[[i for i, _ in live]])
+            for (_, seq), token in zip(live, tokens, strict=True):
                 try:
-                    self._advance(chunk.seq, logits)
+                    if isinstance(token, Exception):
+                        raise token
+                    self._advance(seq, token)
                 except Exception as exc:  # this sequence's own failure: it ends alone, its batch goes on
-                    log.exception("sequence %s failed", chunk.seq.request_id)
-                    self._finish(chunk.seq, StepOutput(error=SequenceFailed(
-                        f"request {chunk.seq.request_id} failed: {type(exc).__name__}: {exc}")))
+                    log.exception("sequence %s failed", seq.request_id)
+                    self._finish(seq, StepOutput(error=SequenceFailed(
+                        f"request {seq.request_id} failed: {type(exc).__name__}: {exc}")))
         record = StepRecord(tokens=result.num_tokens, decode_sequences=sum(c.is_decode for c in scheduled.chunks),
                             seconds=time.perf_counter() - started)
         self.recent_steps.append(record)
@@ -239,11 +262,25 @@ class RouterEngine:
             m.preemptions.inc(self.scheduler.preemptions - self._preemptions_seen)
             self._preemptions_seen = self.scheduler.preemptions
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample one token for `seq`, stream it, and finish the sequence when a stop condition holds."""
-        if seq.finished or seq.cancelled:
-            return
-        token = sample(logits, seq.params, seq.generator)
+    @staticmethod
+    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[SampledToken | Exception]:
+        """One token per sequence from logits [S, V], vectorised; if the batch fails, each row alone, so that
+        a failure stays with the sequence it belongs to."""
+        if not seqs:
+            return []
+        try:
+            return list(sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs]))
+        except Exception:
+            out: list[SampledToken | Exception] = []
+            for row, seq in enumerate(seqs):
+                try:
+                    out.append(sample_batch(logits[row:row + 1], [seq.params], [seq.generator])[0])
+                except Exception as exc:
+                    out.append(exc)
+            return out
+
+    def _advance(self, seq: Sequence, token: SampledToken) -> None:
+        """Append a sampled token to `seq`, stream it, and finish the sequence when a stop condition holds."""
         seq.output_ids.append(token.token_id)
         now = time.monotonic()
         self.metrics.generation_tokens.inc()
@@ -258,8 +295,14 @@ class RouterEngine:
                                seq.num_tokens, self.config.eos_id, self.config.max_seq_len)
         output = StepOutput(token_ids=[token.token_id], text=text, tokens=[token])
         if reason is None:
-            seq.sink(output)
+            self._emit(seq, output)
             return
         output.text += seq.text_stream.finish()
         output.finish_reason = reason
         self._finish(seq, output)
+
+
+def _deliver(items: list[tuple[Callable[[StepOutput], None], StepOutput]]) -> None:
+    """Runs on a client loop: hand each output to its request's sink."""
+    for sink, output in items:
+        sink(output)

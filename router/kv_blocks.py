@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from grokserve.model.config import GrokConfig
-from grokserve.model.kv_cache import StepKV, causal_mask
+from grokserve.model.kv_cache import StepKV, hidden_keys
 
 
 class BlockAllocator:
@@ -76,7 +76,7 @@ class PagedKVCache:
         self.key_valid[0] = False
         batch, n_blocks = tables.shape
         span = n_blocks * self.block_size
-        mask = causal_mask(self.key_valid[tables].view(batch, span), positions)  # [B, T, S]
+        hidden = hidden_keys(self.key_valid[tables].view(batch, span), positions)  # [B, 1, 1, T, S]
 
         def update(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             self.k[layer][blocks, offsets] = k
@@ -85,7 +85,7 @@ class PagedKVCache:
             v_all = self.v[layer][tables].view(batch, span, *v.shape[2:])
             return k_all, v_all
 
-        return StepKV(mask, update)
+        return StepKV(hidden, update)
 
     def clear_blocks(self, blocks: list[int]) -> None:
         """Forget a freed sequence's keys so a new owner never sees stale validity."""

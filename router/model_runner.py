@@ -1,9 +1,11 @@
-"""The model runner: one SchedulerOutput → padded input tensors → GrokModel.forward → logits to sample from.
+"""The model runner: one SchedulerOutput → a StepBatch (flat tokens + attention groups) → GrokModel.forward →
+logits of the tokens that sample.
 
-It owns the padding contract. A step's chunks become rows of a [B, W] batch, W = the longest chunk; a
-row's real tokens sit left, padding right. Padding slots have `query_valid` False: the paged cache sends
-their K/V to the null block, the model leaves them out of the MoE, and their outputs are never read.
-Each row's block table (padded with the null block 0) tells the cache where its keys live.
+It owns the layout contract (model/batch.py). A step's tokens are laid out flat, decode tokens first and
+then the prefill chunks, so the dense matmuls and the MoE see exactly the N real tokens. Decode rows attend
+as one [B, 1] group; prefill chunks as one [P, W] group right-padded to the longest chunk, whose padding
+slots send their K/V to the paged cache's null block and whose outputs are never read. Each row's block
+table (padded with the null block 0) tells the cache where its keys live.
 """
 
 from __future__ import annotations
@@ -14,19 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from grokserve.model.batch import StepBatch, group_rows
 from grokserve.model.dense import GrokModel
 from grokserve.router.kv_blocks import PagedKVCache
 from grokserve.router.scheduler import ScheduledChunk, SchedulerOutput
-
-
-@dataclass
-class StepInputs:
-    """One forward call's batch: tokens/positions [B, W], query_valid bool [B, W], block_tables [B, max_blocks]."""
-
-    tokens: torch.Tensor
-    positions: torch.Tensor
-    query_valid: torch.Tensor
-    block_tables: torch.Tensor
 
 
 @dataclass
@@ -48,41 +41,53 @@ class ModelRunner:
         """Forward every chunk (in `micro_batches` interleaved halves when asked), then the head on the last
         token of each chunk that samples."""
         chunks = scheduled.chunks
-        rows = list(range(len(chunks)))
-        groups = [rows] if micro_batches < 2 or len(rows) < 2 else [rows[: len(rows) // 2], rows[len(rows) // 2:]]
-        hiddens = await asyncio.gather(*(self._forward([chunks[i] for i in group]) for group in groups))
-        last_hidden: list[torch.Tensor] = []
+        halves = [chunks] if micro_batches < 2 or len(chunks) < 2 else [chunks[: len(chunks) // 2],
+                                                                           chunks[len(chunks) // 2:]]
+        outputs = await asyncio.gather(*(self._forward(half) for half in halves))
         sampling: list[ScheduledChunk] = []
-        for group, hidden in zip(groups, hiddens, strict=True):
-            for i, row in enumerate(group):
-                chunk = chunks[row]
-                if chunk.samples_next_token:
-                    sampling.append(chunk)
-                    last_hidden.append(hidden[i, chunk.num_tokens - 1])
-        logits = (self.model.dense.head(torch.stack(last_hidden)).cpu() if last_hidden
+        last_hidden = []
+        for hidden, (ordered, last_token) in outputs:
+            picks = [i for i, chunk in enumerate(ordered) if chunk.samples_next_token]
+            if picks:
+                sampling += [ordered[i] for i in picks]
+                last_hidden.append(hidden.index_select(0, torch.from_numpy(last_token[picks]).to(hidden.device)))
+        logits = (self.model.dense.head(torch.cat(last_hidden)).cpu() if last_hidden
                   else torch.empty(0, self.model.config.vocab_size))  # [S, V]
         return StepResult(sampling, logits, scheduled.num_scheduled_tokens)
 
-    async def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Chunks → hidden [B, W, D]."""
-        inputs = self.build_inputs(chunks)
-        return await self.model.forward(inputs.tokens, inputs.positions, inputs.query_valid, self.cache,
-                                        inputs.block_tables)
+    async def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, tuple[list[ScheduledChunk],
+                                                                                         np.ndarray]]:
+        """Chunks → (hidden [N, D], (the chunks in flat order, each one's last flat token))."""
+        batch, ordered, last_token = self.build_inputs(chunks)
+        return await self.model.forward(batch, self.cache), (ordered, last_token)
 
-    def build_inputs(self, chunks: list[ScheduledChunk]) -> StepInputs:
-        """The padded batch of these chunks, on the model's device."""
-        width = max(c.num_tokens for c in chunks)
-        n_blocks = max(len(c.seq.blocks) for c in chunks)
-        tokens = np.zeros((len(chunks), width), dtype=np.int64)
-        positions = np.zeros((len(chunks), width), dtype=np.int64)
-        valid = np.zeros((len(chunks), width), dtype=bool)
-        tables = np.zeros((len(chunks), n_blocks), dtype=np.int64)  # block 0 = the null block
+    def build_inputs(self, chunks: list[ScheduledChunk]) -> tuple[StepBatch, list[ScheduledChunk], np.ndarray]:
+        """The step's flat batch (decode tokens first, then prefill chunks) on the model's device."""
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        prefills = [c for c in chunks if c.num_tokens > 1]
+        total = len(decodes) + sum(c.num_tokens for c in prefills)
+        groups, tokens, positions = [], [], []
+        first = 0
+        for part in (decodes, prefills):
+            if not part:
+                continue
+            rows = [c.seq.all_ids[c.start:c.start + c.num_tokens] for c in part]
+            group, flat_tokens, flat_positions = group_rows(rows, [c.start for c in part], self._tables(part),
+                                                            first, total, self.device)
+            groups.append(group)
+            tokens.append(flat_tokens)
+            positions.append(flat_positions)
+            first += len(flat_tokens)
+        ordered = decodes + prefills
+        last_token = np.cumsum([c.num_tokens for c in ordered]) - 1
+        batch = StepBatch(torch.from_numpy(np.concatenate(tokens)).to(self.device),
+                          torch.from_numpy(np.concatenate(positions)).to(self.device), groups)
+        return batch, ordered, last_token
+
+    def _tables(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Block tables [B, max_blocks] of these chunks' sequences, padded with the null block 0."""
+        width = max(len(c.seq.blocks) for c in chunks)
+        tables = np.zeros((len(chunks), width), dtype=np.int64)
         for b, chunk in enumerate(chunks):
-            end = chunk.start + chunk.num_tokens
-            tokens[b, :chunk.num_tokens] = chunk.seq.all_ids[chunk.start:end]
-            positions[b, :chunk.num_tokens] = np.arange(chunk.start, end)
-            valid[b, :chunk.num_tokens] = True
             tables[b, :len(chunk.seq.blocks)] = chunk.seq.blocks
-        device = self.device
-        return StepInputs(torch.from_numpy(tokens).to(device), torch.from_numpy(positions).to(device),
-                          torch.from_numpy(valid).to(device), torch.from_numpy(tables).to(device))
+        return torch.from_numpy(tables).to(self.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator
     text_stream: TextStream
-    sink: Callable[[StepOutput], None]
+    sink: Callable[[StepOutput], None]  # receives this request's outputs, in order
+    # the event loop `sink` must run on (the client API's); None: called directly on the engine's thread
+    sink_loop: asyncio.AbstractEventLoop | None = None
     arrival: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")  # time.monotonic() by which the request must have ended
     output_ids: list[int] = field(default_factory=list)

@@ -94,13 +94,10 @@ class GenerationService:
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue(maxsize=valid.params.max_tokens + 2)  # one per token
         detok = self.tokenizer.detokenizer(valid.prompt_ids) if self.tokenizer else None
 
-        def sink(out: StepOutput) -> None:  # called on the engine's thread
-            loop.call_soon_threadsafe(outputs.put_nowait, out)
-
         seq = Sequence(
             request_id=valid.request_id, prompt_ids=valid.prompt_ids, params=valid.params,
             generator=make_generator(valid.params.seed), text_stream=TextStream(detok, valid.params.stop),
-            sink=sink, deadline=deadline)
+            sink=outputs.put_nowait, sink_loop=loop, deadline=deadline)  # the engine batches deliveries per step
         self.engine.submit(seq)  # QueueFull → RESOURCE_EXHAUSTED
         return seq, outputs
 
@@ -141,7 +138,7 @@ class GenerationService:
             code = aborted.code
             reason = "cancelled" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "error"
             await context.abort(aborted.code, str(aborted))
-        except asyncio.CancelledError:  # the client went away or its deadline passed
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away or its deadline passed
             remaining = context.time_remaining()
             code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
                     else grpc.StatusCode.CANCELLED)
