@@ -126,7 +126,7 @@ class RouterReplica:
                                               spec.router.metrics_port, METRICS_PORT_SPAN)
         service = GenerationService(self.router.engine, self.router.tokenizer, self.router.model_id)
         self.service = service
-        self.io = LoopThread("router-grpc")
+        self.io = self.router.loop  # the client API runs on the engine's loop (router/engine.py)
         tokens = load_tokens(spec.security.tokens_file) if spec.security.tokens_file else None
         self.server, self.port = self.io.run(start_router_server(
             service, spec.router.host, spec.router.grpc_port, spec.security.client_tls_files(), tokens))

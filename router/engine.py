@@ -1,10 +1,11 @@
 """The router's engine loop: scheduler → model runner (dense here, experts via the backend) → sample → stream.
 
-It runs as a task on the engine's event loop; a dispatcher to remote experts is handed the same loop, so
-per-layer dispatch needs no thread hop. The gRPC service submits and cancels sequences from its own
-thread; outputs go back through each sequence's sink. A failure that belongs to one sequence (sampling,
-detokenisation) ends that sequence alone; a failed forward pass (a dead shard) fails only the sequences
-of that step.
+It runs as a task on the engine's event loop, and so do the client API's handlers and a dispatcher to
+remote experts: one thread does the router's Python work, with no thread hop per layer and no lock
+ping-pong per token. Steps run back to back; after each, the loop runs the handlers until they have
+written the step's outputs to their streams (bounded by `stream_yield_s`), then the next step starts. A
+failure that belongs to one sequence (sampling, detokenisation) ends that sequence alone; a failed forward
+pass (a dead shard) fails only the sequences of that step.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class RouterEngine:
         self.loop: LoopThread = loop if loop is not None else LoopThread("router-engine")
         self._lock = threading.Lock()  # guards the scheduler between the service thread and the loop
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[StepOutput], None], StepOutput]]] = {}
+        self.outputs_delivered = 0  # outputs handed to sinks on the engine's own loop
+        self.outputs_written = 0  # … and reported written to their streams (output_written)
         self._stopping = False
         self.steps = 0
         self.recent_steps: collections.deque[StepRecord] = collections.deque(maxlen=1024)
@@ -104,12 +107,23 @@ class RouterEngine:
         with self._lock:
             self.scheduler.add(seq)
         self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        self.loop.loop.call_soon_threadsafe(self._wake.set)
+        self._notify()
 
     def cancel(self, seq: Sequence) -> None:
         """The sequence leaves the batch before the next step; its blocks are freed then."""
         seq.cancelled = True
-        self.loop.loop.call_soon_threadsafe(self._wake.set)
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake the loop task (directly from the engine's own loop, thread-safely from anywhere else)."""
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._wake.set()
+        else:
+            self.loop.loop.call_soon_threadsafe(self._wake.set)
 
     def load(self) -> dict[str, float]:
         with self._lock:
@@ -160,7 +174,7 @@ class RouterEngine:
             with self._lock:
                 self._update_gauges()
                 self._flush_outbox()
-            await asyncio.sleep(0)  # let cancellations and submissions in
+            await self._yield_to_streams()
         with self._lock:
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 self._finish(seq, StepOutput(error=RouterShuttingDown("router is shutting down")))
@@ -217,11 +231,27 @@ class RouterEngine:
         self._emit(seq, output)
 
     def _emit(self, seq: Sequence, output: StepOutput) -> None:
-        """Queue an output for its sink; delivered in one batch per event loop at the end of the step."""
-        if seq.sink_loop is None:
+        """Hand an output to its sink: at once when the sink lives on this loop (or has no loop), else queued
+        and delivered in one batch per event loop at the end of the step."""
+        if seq.sink_loop is None or seq.sink_loop is self.loop.loop:
             seq.sink(output)
+            self.outputs_delivered += seq.sink_loop is not None
         else:
             self._outbox.setdefault(seq.sink_loop, []).append((seq.sink, output))
+
+    def output_written(self) -> None:
+        """The client API wrote one delivered output to its stream (called on the engine's loop)."""
+        self.outputs_written += 1
+
+    async def _yield_to_streams(self) -> None:
+        """Let the loop's other tasks run: submissions and cancellations get in, and the handlers write this
+        step's outputs before the next step holds the loop (at most `stream_yield_s`: a slow client's flow
+        control never stalls the engine)."""
+        await asyncio.sleep(0)
+        deadline = time.perf_counter() + self.limits.stream_yield_s
+        while self.outputs_written < self.outputs_delivered and time.perf_counter() < deadline:
+            await asyncio.sleep(0)
+        self.outputs_written = self.outputs_delivered  # what was not written by now is not waited for again
 
     def _flush_outbox(self) -> None:
         """One thread-safe wake-up per client loop per step, instead of one per token."""

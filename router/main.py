@@ -46,7 +46,8 @@ async def run_router(args: argparse.Namespace) -> None:
         metrics = f", metrics :{serve_metrics(router.metrics.registry, args.host, args.metrics_port)}"
     shards = {name: ",".join(addrs) for name, addrs in (endpoints or {}).items()}
     service = GenerationService(router.engine, router.tokenizer, router.model_id, shards)
-    server, port = await start_router_server(service, args.host, args.port, client_tls, tokens)
+    # the client API runs on the engine's loop (router/engine.py): no thread hop between them
+    server, port = router.loop.run(start_router_server(service, args.host, args.port, client_tls, tokens))
     placement = f"{len(shards)} expert shards" if shards else "experts in process"
     announce_serving("router", f"{args.host}:{port}", f"({router.model_id}, {placement}{metrics})")
     stop = asyncio.Event()
@@ -54,10 +55,14 @@ async def run_router(args: argparse.Namespace) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("router on %s:%d draining", args.host, port)
-    await server.health.enter_graceful_shutdown()
-    await server.stop(grace=10)
+    router.loop.run(_drain(server), timeout=30)
     router.shutdown()
     log.info("router on %s:%d stopped", args.host, port)
+
+
+async def _drain(server) -> None:
+    await server.health.enter_graceful_shutdown()
+    await server.stop(grace=10)
 
 
 def main(args: argparse.Namespace) -> int:

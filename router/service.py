@@ -1,4 +1,5 @@
-"""The client-facing `Generation` gRPC service (grpc.aio), with health and server reflection.
+"""The client-facing `Generation` gRPC service (grpc.aio), with health and server reflection. It runs on the
+engine's event loop (router/engine.py), so outputs reach the handlers without a thread hop.
 
 Each call: parse (undecodable bytes → INVALID_ARGUMENT) → validate → a Sequence submitted to the engine →
 outputs streamed back as they come, until the request's deadline (the client's, or the router's default).
@@ -97,7 +98,7 @@ class GenerationService:
         seq = Sequence(
             request_id=valid.request_id, prompt_ids=valid.prompt_ids, params=valid.params,
             generator=make_generator(valid.params.seed), text_stream=TextStream(detok, valid.params.stop),
-            sink=outputs.put_nowait, sink_loop=loop, deadline=deadline)  # the engine batches deliveries per step
+            sink=outputs.put_nowait, sink_loop=loop, deadline=deadline)
         self.engine.submit(seq)  # QueueFull → RESOURCE_EXHAUSTED
         return seq, outputs
 
@@ -131,6 +132,7 @@ class GenerationService:
                         log.warning("request %s failed (%s): %s", seq.request_id, code.name, out.error)
                     raise _Aborted(code, str(out.error))
                 yield seq, out
+                self.engine.output_written()
                 if out.finish_reason is not None:
                     reason = out.finish_reason
                     return

@@ -26,6 +26,9 @@ class EngineLimits(BaseModel):
                                      description="longest a request may take when its client sets no deadline")
     micro_batch_overlap: bool = Field(default=False,
                                       description="split each step in two halves whose dispatch and attention overlap")
+    stream_yield_s: float = Field(default=0.005, ge=0,
+                                  description="after a step, how long the loop may serve stream writes of its outputs "
+                                              "before the next step")
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -13,7 +13,6 @@ from grokserve.model.checkpoint import read_checkpoint
 from grokserve.router.assembly import build_router, discover_plan
 from grokserve.router.service import GenerationService, start_router_server
 from grokserve.router.settings import DispatchSettings, EngineLimits
-from grokserve.transport.loop_thread import LoopThread
 from grokserve.transport.metrics_server import serve_metrics
 
 
@@ -54,12 +53,11 @@ class WorkerProc:
 
 
 class RouterHarness:
-    """A router (service + engine) running in this process on its own event loop thread."""
+    """A router (service + engine) running in this process, on the engine's event loop thread."""
 
     def __init__(self, checkpoint, workers: list[str] | None = None, limits: EngineLimits | None = None,
                  metrics: bool = False, tls=None, tokens=None, dispatch_tls=None,
                  dispatch: DispatchSettings | None = None):
-        self.thread = LoopThread("test-router")
         plan = endpoints = None
         if workers:
             config = read_checkpoint(checkpoint, "grokserve").config
@@ -69,6 +67,7 @@ class RouterHarness:
                                    dispatch=dispatch or DispatchSettings(deadline_s=3.0), dispatch_tls=dispatch_tls)
         self.metrics_port = serve_metrics(self.router.metrics.registry, "127.0.0.1", 0) if metrics else None
         service = GenerationService(self.router.engine, self.router.tokenizer, self.router.model_id)
+        self.thread = self.router.loop  # the client API runs on the engine's loop, as in `grokserve router`
         self.server, self.port = self.thread.run(start_router_server(service, "127.0.0.1", 0, tls, tokens))
         self.address = f"127.0.0.1:{self.port}"
 
@@ -88,7 +87,6 @@ class RouterHarness:
     def close(self) -> None:
         self.thread.run(self.server.stop(grace=1))
         self.router.shutdown()
-        self.thread.stop()
 
 
 def scrape(port: int) -> dict[str, list[tuple[dict, float]]]:
