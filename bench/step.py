@@ -130,6 +130,7 @@ def decode_steps(router: Router, batch: int, context: int, steps: int, dtype_nam
     parts = {part: timer.seconds.get(part, 0.0) / n for part in PARTS}
     step = statistics.median(r.seconds for r in records)
     return {"batch": batch, "context": context, "dtype": dtype_name, "steps": n, "step_seconds": step,
+            "step_cpu_seconds": statistics.median(r.cpu_seconds for r in records),
             "step_seconds_mean": statistics.fmean(r.seconds for r in records), "parts_seconds": parts,
             "aten_calls_per_step": aten}
 
@@ -185,17 +186,20 @@ def matmul_replay(router: Router, batch: int, context: int, repeat: int) -> dict
 
     with torch.inference_mode():
         step()
-        times = []
+        times, cpu = [], []
         for _ in range(repeat):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             step()
             times.append(time.perf_counter() - start)
-    return {"matmul_seconds": statistics.median(times)}
+            cpu.append(time.thread_time() - start_cpu)
+    return {"matmul_seconds": statistics.median(times), "matmul_cpu_seconds": statistics.median(cpu)}
 
 
 def part_matmuls(row: dict) -> None:
-    """Derived: step / matmul-only, overall."""
+    """Derived: step / matmul-only, in wall time and in thread CPU time (the steadier of the two on a shared
+    machine, where neighbours steal time)."""
     row["step_over_matmul"] = row["step_seconds"] / row["matmul_seconds"]
+    row["step_over_matmul_cpu"] = row["step_cpu_seconds"] / row["matmul_cpu_seconds"]
 
 
 def main() -> None:
@@ -237,7 +241,9 @@ def print_row(row: dict) -> None:
     parts = "  ".join(f"{p} {row['parts_seconds'][p] * 1e3:.2f}" for p in PARTS)
     aten = row["aten_calls_per_step"]
     print(f"{row['dtype']:>8} batch {row['batch']:>3}: step {row['step_seconds'] * 1e3:7.2f} ms, matmul-only "
-          f"{row['matmul_seconds'] * 1e3:6.2f} ms, step/matmul {row['step_over_matmul']:5.2f}, "
+          f"{row['matmul_seconds'] * 1e3:6.2f} ms, step/matmul {row['step_over_matmul']:5.2f} "
+          f"(cpu {row['step_cpu_seconds'] * 1e3:.2f} / {row['matmul_cpu_seconds'] * 1e3:.2f} ms = "
+          f"{row['step_over_matmul_cpu']:.2f}), "
           f"{row['batch'] / row['step_seconds']:7.1f} tok/s, aten/step {aten['top_level']:.0f} top-level "
           f"({aten['all']:.0f} all)\n    parts (ms): {parts}", flush=True)
 

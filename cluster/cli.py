@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     add_settings_options(p, WorkerSettings, only=("max_rows",))
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1; 0 = torch's default, one per core)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0 = any port)")
     p.add_argument("--shard-name", default="standalone", help="the shard label on this worker's metrics")
     _dispatch_tls_args(p, "this worker's certificate (server side of dispatch mTLS)")
@@ -326,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     add_settings_options(p, EngineLimits)
     add_settings_options(p, DispatchSettings, prefix="dispatch")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: a decode step is many small ops, and on a 2-core machine "
+                        "1 thread serves 2.6× the tokens/s of 2, docs/benchmarks.md; 0 = torch's default)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0 = any port)")
     p.add_argument("--tls-cert", help="serve the client API over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="the certificate's private key (PEM)")

@@ -61,7 +61,8 @@ class RouterSpec(_Strict):
     host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=1, le=65535)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
-    threads: int = Field(default=0, ge=0, description="torch threads per router (0 = torch default)")
+    threads: int = Field(default=1, ge=0, description="torch intra-op threads per router (0 = torch default, one per "
+                                                      "core; 1 is fastest for decode on small CPU machines)")
     metrics_port: int | None = Field(default=9464, ge=0, le=65535,
                                      description="first /metrics port of router replicas on a node (null = off)")
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)

@@ -42,6 +42,7 @@ class LocalExperts:
         down_dtype = dtype if self.fast_down else torch.float32
         self.stacks: dict[int, dict[str, torch.Tensor]] = {}
         self.local_index: dict[int, np.ndarray] = {}
+        self.weights: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for layer, experts in self.shard.items():
             if not 0 <= layer < config.n_layers:
                 raise ExpertShardError(f"layer {layer} out of range [0, {config.n_layers})")
@@ -54,6 +55,9 @@ class LocalExperts:
                 .to(self.device).contiguous()
                 for what in EXPERT_MATRICES
             }
+            # per expert (w_gate [F, D], w_up [F, D], w_down [D, F]): views made once, not per call
+            self.weights[layer] = list(zip(*(self.stacks[layer][what].unbind(0) for what in EXPERT_MATRICES),
+                                           strict=True))
             index = np.full(config.n_experts, -1, dtype=np.int64)
             index[list(experts)] = np.arange(len(experts))
             self.local_index[layer] = index  # host-side: routing plans are made on the host
@@ -76,37 +80,45 @@ class LocalExperts:
         """
         if layer not in self.stacks:
             raise ExpertShardError(f"layer {layer} is not held by this shard")
-        stack = self.stacks[layer]
         n_rows = hidden.shape[0]
         out_dtype = out_dtype or self.dtype
         if n_rows == 0:
             return torch.zeros(0, self.config.d_model, dtype=out_dtype, device=hidden.device)
-        ids = expert_ids.cpu().numpy()  # [N, K]
+        ids = expert_ids.numpy() if expert_ids.device.type == "cpu" else expert_ids.cpu().numpy()  # [N, K]
         local = np.where(ids != NO_EXPERT, self.local_index[layer][np.clip(ids, 0, None)], -1)  # [N, K]
         if ((ids != NO_EXPERT) & (local < 0)).any():
             bad = sorted({int(e) for e in ids[(ids != NO_EXPERT) & (local < 0)]})
             raise ExpertShardError(f"layer {layer}: experts {bad} are not held by this shard")
         # The reference rounds the probability to the activation dtype before multiplying.
-        probs = expert_probs.to(self.dtype).float() if self.dtype != torch.float32 else expert_probs.float()
+        probs = expert_probs if self.dtype == torch.float32 else expert_probs.to(self.dtype).float()
+        probs_np = (probs.numpy() if probs.device.type == "cpu" else probs.cpu().numpy()).reshape(-1)  # [N·K]
         flat = local.reshape(-1)  # [N·K] slot → local expert (-1: not here)
         order = np.argsort(flat, kind="stable")
         counts = np.bincount(flat[flat >= 0], minlength=len(self.shard[layer]))
         start = int((flat < 0).sum())
         k = ids.shape[1]
+        on_cpu = hidden.device.type == "cpu"
+        weights = self.weights[layer]
         out = None
         for idx in np.flatnonzero(counts).tolist():
-            slots = order[start:start + counts[idx]]  # flat (row, k) slots routed to this expert
+            slots = order[start:start + counts[idx]]  # flat (row, k) slots routed to this expert, row order
             start += counts[idx]
-            rows = torch.from_numpy(slots // k).to(hidden.device, non_blocking=True)
-            slot_probs = probs.reshape(-1)[torch.from_numpy(slots).to(hidden.device, non_blocking=True)]
-            y = layers.expert_ffn(hidden.index_select(0, rows), stack["w_gate"][idx], stack["w_up"][idx],
-                                  stack["w_down"][idx], self.fast_down).mul_(slot_probs[:, None])
-            if out is None and len(slots) == n_rows and k == 1:
-                out = y
-                continue
-            if out is None:
-                out = torch.zeros(n_rows, self.config.d_model, dtype=torch.float32, device=hidden.device)  # [N, D]
-            out.index_add_(0, rows, y)
+            rows_np = slots // k
+            every_row = len(rows_np) == n_rows  # each row once, in order (sorted slots): no gather, no scatter
+            slot_probs = torch.from_numpy(probs_np[slots][:, None])  # [n, 1]
+            x = hidden
+            if not every_row:
+                rows = torch.from_numpy(rows_np)
+                x = hidden.index_select(0, rows if on_cpu else rows.to(hidden.device, non_blocking=True))
+            w_gate, w_up, w_down = weights[idx]
+            y = layers.expert_ffn(x, w_gate, w_up, w_down, self.fast_down)  # [n, D] f32
+            y.mul_(slot_probs if on_cpu else slot_probs.to(hidden.device, non_blocking=True))
+            if every_row:
+                out = y if out is None else out.add_(y)  # the first: 0 + y, exactly
+            else:
+                if out is None:
+                    out = torch.zeros(n_rows, self.config.d_model, dtype=torch.float32, device=hidden.device)
+                out.index_add_(0, rows if on_cpu else rows.to(hidden.device, non_blocking=True), y)
         if out is None:
             out = torch.zeros(n_rows, self.config.d_model, dtype=torch.float32, device=hidden.device)
         return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -44,6 +44,7 @@ class StepRecord:
     tokens: int
     decode_sequences: int
     seconds: float
+    cpu_seconds: float  # the engine thread's CPU time (what the step cost, without time stolen by neighbours)
 
 
 class RouterEngine:
@@ -146,7 +147,7 @@ class RouterEngine:
         # No autograd on this thread (an inference_mode block cannot span the awaits of two interleaved halves).
         torch.set_grad_enabled(False)
         while not self._stopping:
-            started = time.perf_counter()
+            started = time.perf_counter(), time.thread_time()
             with self._lock:
                 self._drop_ended()
                 scheduled = self.scheduler.schedule()
@@ -259,7 +260,7 @@ class RouterEngine:
             loop.call_soon_threadsafe(_deliver, items)
         self._outbox = {}
 
-    def _finish_step(self, scheduled: SchedulerOutput, result: StepResult, started: float) -> None:
+    def _finish_step(self, scheduled: SchedulerOutput, result: StepResult, started: tuple[float, float]) -> None:
         self.steps += 1
         self.metrics.expert_choices.end_step()
         for chunk in scheduled.chunks:
@@ -277,7 +278,7 @@ class RouterEngine:
                     self._finish(seq, StepOutput(error=SequenceFailed(
                         f"request {seq.request_id} failed: {type(exc).__name__}: {exc}")))
         record = StepRecord(tokens=result.num_tokens, decode_sequences=sum(c.is_decode for c in scheduled.chunks),
-                            seconds=time.perf_counter() - started)
+                            seconds=time.perf_counter() - started[0], cpu_seconds=time.thread_time() - started[1])
         self.recent_steps.append(record)
         self.metrics.step_tokens.observe(record.tokens)
         self.metrics.step_seconds.observe(record.seconds)

@@ -65,6 +65,7 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(num_blocks, block_size, dtype=torch.bool, device=device)
         self.block_size = block_size
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
 
     def begin_step(self, storage: torch.Tensor, positions: torch.Tensor, query_valid: torch.Tensor,
                    key_valid: torch.Tensor) -> StepKV:
@@ -79,10 +80,11 @@ class PagedKVCache:
         hidden = hidden_keys(self.key_valid[tables].view(batch, span), positions)  # [B, 1, 1, T, S]
 
         def update(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            self.k[layer][blocks, offsets] = k
-            self.v[layer][blocks, offsets] = v
-            k_all = self.k[layer][tables].view(batch, span, *k.shape[2:])  # [B, S, Hkv, d]
-            v_all = self.v[layer][tables].view(batch, span, *v.shape[2:])
+            k_cache, v_cache = self.k_layers[layer], self.v_layers[layer]
+            k_cache[blocks, offsets] = k
+            v_cache[blocks, offsets] = v
+            k_all = k_cache[tables].view(batch, span, *k.shape[2:])  # [B, S, Hkv, d]
+            v_all = v_cache[tables].view(batch, span, *v.shape[2:])
             return k_all, v_all
 
         return StepKV(hidden, update)

@@ -39,7 +39,8 @@ class _ExpertChoiceCollector:
 
     def observe(self, layer: int, expert_ids: torch.Tensor) -> None:
         """expert_ids [N, K] of one MoE layer in this step."""
-        counts = np.bincount(expert_ids.reshape(-1).cpu().numpy(), minlength=self.n_experts)
+        ids = expert_ids.numpy() if expert_ids.device.type == "cpu" else expert_ids.cpu().numpy()
+        counts = np.bincount(ids.reshape(-1), minlength=self.n_experts)
         self.current[layer] += counts[:self.n_experts]
 
     def end_step(self) -> None:
