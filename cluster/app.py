@@ -60,6 +60,7 @@ class ExpertShardReplica:
         self.node_id = ray.get_runtime_context().get_node_id()
         settings = WorkerSettings(checkpoint=checkpoint, shard=shard.as_map(), dtype=spec.model.dtype,
                                   device=resolve_device(spec.model.device), max_rows=spec.experts.max_rows,
+                                  shared_memory=spec.experts.shared_memory,
                                   host=ray.util.get_node_ip_address(), port=0,
                                   metrics_port=spec.experts.metrics_port, metrics_port_span=METRICS_PORT_SPAN,
                                   shard_name=shard_name, tls=spec.security.dispatch_tls())

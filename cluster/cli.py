@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="port (0 = pick a free one and print it)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    add_settings_options(p, WorkerSettings, only=("max_rows",))
+    add_settings_options(p, WorkerSettings, only=("max_rows", "shared_memory"))
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1; 0 = torch's default, one per core)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0 = any port)")

@@ -94,6 +94,8 @@ class ExpertsSpec(_Strict):
     shards: list[ShardSpec] | None = Field(default=None, description="explicit shards (instead of workers)")
     threads: int = Field(default=1, ge=0, description="torch threads per expert worker (0 = torch default)")
     max_rows: int = Field(default=WorkerSettings.model_fields["max_rows"].default, ge=1)
+    shared_memory: bool = Field(default=WorkerSettings.model_fields["shared_memory"].default,
+                                description="offer routers on the same host the shared-memory data plane")
     metrics_port: int | None = Field(default=9470, ge=0, le=65535,
                                      description="first /metrics port of expert replicas on a node (null = off)")
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)

@@ -29,6 +29,8 @@ from grokserve.transport.errors import CallFailed, DispatchError, ShardUnavailab
 from grokserve.transport.grpc_channel import GrpcChannel
 from grokserve.transport.loop_thread import LoopThread
 from grokserve.transport.placement import PlacementPlan, Shard, info_mismatch
+from grokserve.transport.shm import host_id
+from grokserve.transport.shm_channel import ShmChannel, ShmUnavailable
 from grokserve.transport.staging import PinnedStaging
 from grokserve.transport.tls import TlsFiles
 
@@ -71,17 +73,20 @@ def combine(calls: list[ShardCall], partials: list[torch.Tensor], n_rows: int, d
 
 @dataclass
 class Replica:
-    """One worker replica of a shard, seen from this router."""
+    """One worker replica of a shard, seen from this router: its gRPC channel (control plane: Info, attach;
+    and the data plane when shared memory is not used) and its data channel (that one, or shared memory)."""
 
+    control: GrpcChannel
     channel: ReplicaChannel
     verified: bool = False  # its Info matched the placement since the last failure
     refused: str = ""  # why its Info does not match (it is not used while this is set)
     down_until: float = 0.0
     calls: int = 0
+    transport_note: str = ""  # why shared memory is not used, when it was wanted
 
     @property
     def address(self) -> str:
-        return self.channel.address
+        return self.control.address
 
     def state(self) -> str:
         if self.refused:
@@ -136,29 +141,31 @@ class Dispatcher:
 
     async def _set_endpoints(self, shard: str, addresses: list[str]) -> None:
         old = {r.address: r for r in self.replicas.get(shard, [])}
-        self.replicas[shard] = [old.pop(a) if a in old else Replica(self._open(a)) for a in addresses]
+        self.replicas[shard] = [old.pop(a) if a in old else self._open(a) for a in addresses]
         self.metrics.shard_replicas.labels(shard).set(len(addresses))
         self._rr.setdefault(shard, itertools.count())
         for gone in old.values():
             log.info("shard %s: replica %s removed", shard, gone.address)
-            await gone.channel.close()
+            await _close(gone)
 
-    def _open(self, address: str) -> ReplicaChannel:
-        return GrpcChannel(address, self.max_message_bytes, self.settings.transport, self.tls)
+    def _open(self, address: str) -> Replica:
+        control = GrpcChannel(address, self.max_message_bytes, self.settings.grpc_call, self.tls)
+        return Replica(control, control)
 
     def endpoints(self) -> dict[str, list[str]]:
         return {s: [r.address for r in reps] for s, reps in self.replicas.items()}
 
     def replica_states(self) -> dict[str, list[dict]]:
         """Per shard: each replica's address, transport, state (ok | down | refused) and why it is refused."""
-        return {s: [{"address": r.address, "transport": r.channel.kind, "state": r.state(), "reason": r.refused,
-                     "calls": r.calls} for r in reps] for s, reps in self.replicas.items()}
+        return {s: [{"address": r.address, "transport": r.channel.kind, "state": r.state(),
+                     "reason": r.refused or r.transport_note, "calls": r.calls} for r in reps]
+                for s, reps in self.replicas.items()}
 
     def close(self) -> None:
         async def close_all():
             for reps in self.replicas.values():
                 for r in reps:
-                    await r.channel.close()
+                    await _close(r)
             self.replicas.clear()
 
         self.loop.run(close_all(), timeout=10)
@@ -183,19 +190,25 @@ class Dispatcher:
         for call in calls:
             call_id = next(self._call_ids)
             rows = None if call.all_rows else torch.from_numpy(call.rows)
-            requests.append((call_id, wire.encode_request_bytes(
+            requests.append((call_id, wire.request_message(
                 call_id, layer, hidden if rows is None else hidden[rows], torch.from_numpy(call.expert_ids),
                 probs if rows is None else probs[rows])))
         started = time.perf_counter()
         responses = await self._exchange(layer, calls, requests, time.monotonic() + self.settings.deadline_s)
         self.metrics.dispatch_layer.labels(str(layer)).observe(time.perf_counter() - started)
-        partials = [wire.decode_partial(r, len(c.rows), self.config.d_model, self.dtype)
-                    for c, r in zip(calls, responses, strict=True)]
-        self._count(calls, responses)
-        if len(calls) == 1:  # one shard answered for every row: nothing to sum
-            only = partials[0]
-            return self.staging.to_device(only, device) if device.type == "cuda" else only.clone()
-        return self.staging.to_device(combine(calls, partials, n_rows, self.config.d_model).to(self.dtype), device)
+        try:
+            partials = [wire.decode_partial(r, len(c.rows), self.config.d_model, self.dtype)
+                        for c, r in zip(calls, responses, strict=True)]
+            self._count(calls, responses)
+            if len(calls) == 1:  # one shard answered for every row: nothing to sum
+                only = partials[0]  # rounded once: the worker's sum is the whole sum
+                out = only.to(self.dtype, copy=True) if device.type != "cuda" else only.to(self.dtype)
+            else:  # Σ partials in f32, one rounding (f32 partials of split rows keep the sum exact in bf16)
+                out = combine(calls, partials, n_rows, self.config.d_model).to(self.dtype)
+        finally:
+            for response in responses:
+                response.release()  # shared-memory slots are free again
+        return self.staging.to_device(out, device) if device.type == "cuda" else out
 
     def _count(self, calls: list[ShardCall], responses: list[wire.ResponseView]) -> None:
         stats = self.stats
@@ -206,19 +219,22 @@ class Dispatcher:
             stats.worker_compute_seconds += response.compute_seconds
             stats.per_shard_calls[name] = stats.per_shard_calls.get(name, 0) + 1
 
-    async def _exchange(self, layer: int, calls: list[ShardCall], requests: list[tuple[int, bytes]],
+    async def _exchange(self, layer: int, calls: list[ShardCall], requests: list[tuple[int, wire.WireMessage]],
                         deadline: float) -> list[wire.ResponseView]:
         """All shards at once; the first error (after its retry) is raised once every call has ended."""
         results = await asyncio.gather(*(self._call_shard(layer, self.plan.shards[c.shard], call_id, request,
                                                           deadline)
                                          for c, (call_id, request) in zip(calls, requests, strict=True)),
                                        return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            for result in results:
+                if isinstance(result, wire.ResponseView):
+                    result.release()
+            raise failure
         return results  # type: ignore[return-value]
 
-    async def _call_shard(self, layer: int, shard: Shard, call_id: int, request: bytes, deadline: float
+    async def _call_shard(self, layer: int, shard: Shard, call_id: int, request: wire.WireMessage, deadline: float
                           ) -> wire.ResponseView:
         """One shard's answer: its next replica, and one retry on another when that fails retryably."""
         failures: list[str] = []
@@ -251,7 +267,7 @@ class Dispatcher:
                 replica.down_until = 0.0
             m = self.metrics
             m.dispatch_shard.labels(shard.name, replica.channel.kind).observe(time.perf_counter() - started)
-            m.bytes_sent.labels(shard.name).inc(len(request))
+            m.bytes_sent.labels(shard.name).inc(request.nbytes)
             m.bytes_received.labels(shard.name).inc(response.partial.nbytes)
             return response
         self.stats.failures += 1
@@ -261,8 +277,9 @@ class Dispatcher:
         raise ShardUnavailable(shard.name, layer, detail)
 
     async def _verify(self, replica: Replica, shard: Shard, deadline: float) -> None:
-        """Ask the replica what it holds; refuse it (CallFailed, retryable elsewhere) when that is not `shard`."""
-        info = await replica.channel.info(min(INFO_TIMEOUT_S, max(0.001, deadline - time.monotonic())))
+        """Ask the replica what it holds; refuse it (CallFailed, retryable elsewhere) when that is not `shard`.
+        A replica that matches gets its data channel: shared memory when it is on this host and allowed."""
+        info = await replica.control.info(min(INFO_TIMEOUT_S, max(0.001, deadline - time.monotonic())))
         mismatch = info_mismatch(info, shard, self.model_id, wire.DTYPE_TO_WIRE[self.dtype])
         if mismatch:
             if replica.refused != mismatch:
@@ -272,7 +289,37 @@ class Dispatcher:
         if replica.refused:
             log.info("shard %s: replica %s matches the placement again", shard.name, replica.address)
         replica.refused = ""
+        await self._choose_transport(replica, shard, info, deadline)
         replica.verified = True
+
+    async def _choose_transport(self, replica: Replica, shard: Shard, info, deadline: float) -> None:
+        """Shared memory for a replica on this host (transport auto or shm), else its gRPC channel; a failed
+        set-up falls back to gRPC, logged and shown in status."""
+        wanted = self.settings.transport
+        if wanted == "grpc" or (replica.channel is not replica.control and not getattr(replica.channel, "broken", "")):
+            return
+        if replica.channel is not replica.control:  # a broken shared-memory channel: set up a new one
+            await replica.channel.close()
+            replica.channel = replica.control
+        same_host = bool(info.host_id) and info.host_id == host_id()
+        if not (same_host and info.shared_memory):
+            note = "another host" if not same_host else "the worker offers no shared memory"
+            if wanted == "shm" and replica.transport_note != note:
+                log.warning("shard %s: replica %s: shared memory requested but not possible (%s); using gRPC",
+                            shard.name, replica.address, note)
+            replica.transport_note = note
+            return
+        try:
+            timeout = min(INFO_TIMEOUT_S, max(0.001, deadline - time.monotonic()))
+            replica.channel = await ShmChannel.open(replica.control, self.settings.shm_slots, timeout)
+        except ShmUnavailable as exc:
+            log.warning("shard %s: replica %s: shared memory could not be set up (%s); using gRPC", shard.name,
+                        replica.address, exc)
+            replica.transport_note = f"shared memory failed: {exc}"
+            return
+        replica.transport_note = ""
+        log.info("shard %s: replica %s on this host: dispatching through shared memory", shard.name,
+                 replica.address)
 
     async def _recheck_after_refusal(self, replica: Replica, shard: Shard, deadline: float) -> None:
         """A worker refused a message: was it replaced by a worker of another shard, model or dtype?"""
@@ -296,4 +343,10 @@ class Dispatcher:
             log.warning("shard %s: replica %s down (%s)", shard, replica.address, exc)
         replica.down_until = time.monotonic() + self.settings.down_backoff_s
         replica.verified = False  # after an outage, check what it holds before trusting it again
+
+
+async def _close(replica: Replica) -> None:
+    if replica.channel is not replica.control:
+        await replica.channel.close()
+    await replica.control.close()
 

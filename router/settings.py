@@ -40,6 +40,10 @@ class DispatchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    transport: Literal["stream", "unary"] = Field(default="stream", description="gRPC call style per layer hop")
+    transport: Literal["auto", "grpc", "shm"] = Field(
+        default="auto", description="data plane to expert workers: auto = shared memory for replicas on this host, "
+                                    "gRPC otherwise; shm = shared memory, gRPC only where it cannot be set up")
+    grpc_call: Literal["stream", "unary"] = Field(default="stream", description="gRPC call style per layer hop")
+    shm_slots: int = Field(default=4, ge=1, le=8, description="shared-memory calls in flight per worker replica")
     deadline_s: float = Field(default=10.0, gt=0, description="deadline of one layer's all-to-all")
     down_backoff_s: float = Field(default=1.0, ge=0, description="a failed replica is avoided this long")

@@ -114,10 +114,12 @@ class GrpcChannel:
         self._forward_stream = self.channel.stream_stream(
             "/grokserve.v1.ExpertService/ForwardStream", request_serializer=_identity,
             response_deserializer=wire.decode_response_bytes)
-        self._info = pb_grpc.ExpertServiceStub(self.channel).Info
+        stub = pb_grpc.ExpertServiceStub(self.channel)
+        self._info, self._attach = stub.Info, stub.AttachSharedMemory
         self._stream: _Stream | None = None
 
-    async def exchange(self, call_id: int, request: bytes, timeout: float) -> wire.ResponseView:
+    async def exchange(self, call_id: int, message: wire.WireMessage, timeout: float) -> wire.ResponseView:
+        request = message.tobytes()
         if self.mode == "stream":
             if self._stream is None or self._stream.broken:
                 self._stream = _Stream(self._forward_stream())
@@ -134,6 +136,13 @@ class GrpcChannel:
     async def info(self, timeout: float) -> pb.InfoResponse:
         try:
             return await self._info(pb.InfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise call_failed(exc.code(), exc.details() or str(exc)) from None
+
+    async def attach(self, request: pb.AttachRequest, timeout: float) -> pb.AttachResponse:
+        """AttachSharedMemory on this (authenticated) channel."""
+        try:
+            return await self._attach(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise call_failed(exc.code(), exc.details() or str(exc)) from None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,22 +83,41 @@ def _view(t: torch.Tensor) -> memoryview:
     return t.contiguous().view(torch.uint8).numpy().data
 
 
-def encode_request_bytes(call_id: int, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                         expert_probs: torch.Tensor) -> bytes:
+@dataclass
+class WireMessage:
+    """A serialized message as the buffers that make it up, in order: a transport joins them (gRPC) or copies
+    them straight into a shared-memory slot, so tensor bytes are copied once."""
+
+    parts: list[bytes | memoryview]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in self.parts)
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def request_message(call_id: int, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                    expert_probs: torch.Tensor) -> WireMessage:
     """hidden [N, D], expert_ids [N, K] (-1 = not for this worker), expert_probs f32 [N, K] (the router's
-    probability of each slot; proto field `gates`) → serialized ForwardRequest."""
+    probability of each slot; proto field `gates`) → a ForwardRequest as its buffers."""
     n_rows, d = hidden.shape
     hidden_view = _view(hidden)
     ids_view = _view(expert_ids.to(torch.int32))
     gates_view = _view(expert_probs.to(torch.float32))
-    return b"".join((
-        _uint_field(1, call_id), _uint_field(2, layer), _uint_field(3, DTYPE_TO_WIRE[hidden.dtype]),
-        _uint_field(4, n_rows), _uint_field(5, d),
-        _bytes_header(6, hidden_view.nbytes), hidden_view,
-        _uint_field(7, expert_ids.shape[1]),
-        _bytes_header(8, ids_view.nbytes), ids_view,
+    return WireMessage([
+        _uint_field(1, call_id) + _uint_field(2, layer) + _uint_field(3, DTYPE_TO_WIRE[hidden.dtype])
+        + _uint_field(4, n_rows) + _uint_field(5, d) + _bytes_header(6, hidden_view.nbytes), hidden_view,
+        _uint_field(7, expert_ids.shape[1]) + _bytes_header(8, ids_view.nbytes), ids_view,
         _bytes_header(9, gates_view.nbytes), gates_view,
-    ))
+    ])
+
+
+def encode_request_bytes(call_id: int, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                         expert_probs: torch.Tensor) -> bytes:
+    """The same serialized into one bytes object."""
+    return request_message(call_id, layer, hidden, expert_ids, expert_probs).tobytes()
 
 
 def encode_request(call_id: int, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
@@ -107,14 +126,21 @@ def encode_request(call_id: int, layer: int, hidden: torch.Tensor, expert_ids: t
     return pb.ForwardRequest.FromString(encode_request_bytes(call_id, layer, hidden, expert_ids, expert_probs))
 
 
-def encode_response_bytes(call_id: int, wire_dtype: int, partial: torch.Tensor, compute_seconds: float) -> bytes:
-    """partial [N, D] → serialized ForwardResponse."""
+def response_message(call_id: int, partial: torch.Tensor, compute_seconds: float) -> WireMessage:
+    """partial [N, D] (its dtype is the answer's) → a ForwardResponse as its buffers."""
     view = _view(partial)
-    return b"".join((
-        _uint_field(1, call_id), _uint_field(2, wire_dtype), _uint_field(3, partial.shape[0]),
-        _bytes_header(4, view.nbytes), view,
-        _varint((5 << 3) | 1), struct.pack("<d", compute_seconds),
-    ))
+    return WireMessage([
+        _uint_field(1, call_id) + _uint_field(2, DTYPE_TO_WIRE[partial.dtype]) + _uint_field(3, partial.shape[0])
+        + _bytes_header(4, view.nbytes), view,
+        _varint((5 << 3) | 1) + struct.pack("<d", compute_seconds),
+    ])
+
+
+def encode_response_bytes(call_id: int, wire_dtype: int, partial: torch.Tensor, compute_seconds: float) -> bytes:
+    """partial [N, D] → serialized ForwardResponse (`wire_dtype` must be the partial's)."""
+    if WIRE_DTYPES.get(wire_dtype) != partial.dtype:
+        raise ValueError(f"wire dtype {wire_dtype} does not describe a {partial.dtype} partial")
+    return response_message(call_id, partial, compute_seconds).tobytes()
 
 
 def encode_stream_error_bytes(call_id: int, code: int, message: str) -> bytes:
@@ -126,7 +152,8 @@ def encode_stream_error_bytes(call_id: int, code: int, message: str) -> bytes:
 
 @dataclass
 class ResponseView:
-    """A parsed ForwardResponse whose `partial` is a zero-copy slice of the received bytes."""
+    """A parsed ForwardResponse whose `partial` is a zero-copy slice of the received bytes. `release` frees
+    the buffer it views (a shared-memory slot) once the caller is done with `partial`."""
 
     call_id: int = 0
     dtype: int = 0
@@ -135,17 +162,18 @@ class ResponseView:
     compute_seconds: float = 0.0
     error_code: int = 0
     error_message: str = ""
+    release: Callable[[], None] = field(default=lambda: None)
 
     @property
     def has_error(self) -> bool:
         return bool(self.error_code or self.error_message)
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+def _read_varint(buf: memoryview, pos: int, what: str = "response") -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(buf) or shift > 63:
-            raise WireError("response", "truncated or oversized varint")
+            raise WireError(what, "truncated or oversized varint")
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -154,34 +182,37 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
-    """Yield (field number, wire type, value) where value is an int or a memoryview; bounds-checked."""
+def _fields(buf: memoryview, what: str = "response") -> Iterator[tuple[int, int, Any]]:
+    """Yield (field number, wire type, value) where value is an int or a memoryview; bounds-checked. Errors
+    are WireError(`what`, …)."""
     pos = 0
     while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
+        key, pos = _read_varint(buf, pos, what)
         number, wire_type = key >> 3, key & 7
         value: int | memoryview
+        if number == 0:
+            raise WireError(what, "field number 0")
         if wire_type == 0:
-            value, pos = _read_varint(buf, pos)
+            value, pos = _read_varint(buf, pos, what)
         elif wire_type == 1:
             if pos + 8 > len(buf):
-                raise WireError("response", "truncated fixed64")
+                raise WireError(what, "truncated fixed64")
             value, pos = buf[pos:pos + 8], pos + 8
         elif wire_type == 2:
-            length, pos = _read_varint(buf, pos)
+            length, pos = _read_varint(buf, pos, what)
             if pos + length > len(buf):
-                raise WireError("response", f"field {number} claims {length} bytes past the end of the message")
+                raise WireError(what, f"field {number} claims {length} bytes past the end of the message")
             value, pos = buf[pos:pos + length], pos + length
         elif wire_type == 5:
             if pos + 4 > len(buf):
-                raise WireError("response", "truncated fixed32")
+                raise WireError(what, "truncated fixed32")
             value, pos = buf[pos:pos + 4], pos + 4
         else:
-            raise WireError("response", f"unsupported wire type {wire_type}")
+            raise WireError(what, f"unsupported wire type {wire_type}")
         yield number, wire_type, value
 
 
-def decode_response_bytes(raw: bytes) -> ResponseView:
+def decode_response_bytes(raw: bytes | memoryview) -> ResponseView:
     """Parse a serialized ForwardResponse without copying `partial`."""
     view = ResponseView()
     for number, wire_type, value in _fields(memoryview(raw)):
@@ -214,6 +245,14 @@ class ShardLimits:
     dtype: torch.dtype
     max_rows: int
     held: dict[int, tuple[int, ...]]
+    held_mask: dict[int, np.ndarray] = field(init=False)  # layer → bool [E]: a lookup instead of a set difference
+
+    def __post_init__(self) -> None:
+        self.held_mask = {}
+        for layer, experts in self.held.items():
+            mask = np.zeros(self.n_experts, dtype=bool)
+            mask[list(experts)] = True
+            self.held_mask[layer] = mask
 
 
 @dataclass
@@ -222,10 +261,48 @@ class DecodedRequest:
     hidden: torch.Tensor  # [N, D]
     expert_ids: torch.Tensor  # [N, K] int64
     expert_probs: torch.Tensor  # [N, K] f32
+    call_id: int = 0
 
 
-def decode_request(req: pb.ForwardRequest, limits: ShardLimits) -> DecodedRequest:
-    """Validate every field against the shard, then build tensors. Raises WireError naming the field."""
+@dataclass
+class RequestView:
+    """A parsed ForwardRequest whose byte fields are zero-copy slices of the received buffer (gRPC bytes or a
+    shared-memory slot). Field names are expert.proto's."""
+
+    call_id: int = 0
+    layer: int = 0
+    dtype: int = 0
+    num_rows: int = 0
+    hidden_size: int = 0
+    hidden: memoryview = field(default_factory=lambda: memoryview(b""))
+    experts_per_row: int = 0
+    expert_ids: memoryview = field(default_factory=lambda: memoryview(b""))
+    gates: memoryview = field(default_factory=lambda: memoryview(b""))
+
+
+_REQUEST_VARINTS = {1: "call_id", 2: "layer", 3: "dtype", 4: "num_rows", 5: "hidden_size", 7: "experts_per_row"}
+_REQUEST_BYTES = {6: "hidden", 8: "expert_ids", 9: "gates"}
+
+
+def parse_request(buf: bytes | memoryview) -> RequestView:
+    """Parse a serialized ForwardRequest without copying its tensors; unknown fields are skipped, as protobuf
+    does. Raises WireError('request', …) on bytes that are not a ForwardRequest."""
+    view = RequestView()
+    for number, wire_type, value in _fields(memoryview(buf), "request"):
+        if number in _REQUEST_VARINTS:
+            if wire_type != 0:
+                raise WireError("request", f"field {number} has wire type {wire_type}, expected a varint")
+            setattr(view, _REQUEST_VARINTS[number], value)
+        elif number in _REQUEST_BYTES:
+            if wire_type != 2:
+                raise WireError("request", f"field {number} has wire type {wire_type}, expected bytes")
+            setattr(view, _REQUEST_BYTES[number], value)
+    return view
+
+
+def decode_request(req: RequestView | pb.ForwardRequest, limits: ShardLimits) -> DecodedRequest:
+    """Validate every field against the shard, then build tensors (zero copy of `hidden`). Raises WireError
+    naming the field."""
     if req.dtype not in WIRE_DTYPES:
         raise WireError("dtype", f"unknown dtype enum {req.dtype}")
     dtype = WIRE_DTYPES[req.dtype]
@@ -259,9 +336,9 @@ def decode_request(req: pb.ForwardRequest, limits: ShardLimits) -> DecodedReques
     if used.size == 0:
         raise WireError("expert_ids", "no slot names an expert")
     held = limits.held[req.layer]
-    bad = np.setdiff1d(used, held)
-    if bad.size:
-        raise WireError("expert_ids", f"experts {bad.tolist()} of layer {req.layer} are not held by this worker "
+    if (used < 0).any() or (used >= limits.n_experts).any() or not limits.held_mask[req.layer][used].all():
+        bad = sorted(set(used.tolist()) - set(held))
+        raise WireError("expert_ids", f"experts {bad} of layer {req.layer} are not held by this worker "
                                       f"(holds {list(held)})")
     gates_np = np.frombuffer(req.gates, dtype="<f4").reshape(n_rows, k)
     if not np.isfinite(gates_np).all():
@@ -273,12 +350,16 @@ def decode_request(req: pb.ForwardRequest, limits: ShardLimits) -> DecodedReques
 
 
 def decode_partial(resp: ResponseView, n_rows: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """A worker's answer → [N, D] (zero copy); its size is checked, never trusted."""
-    expected = n_rows * hidden_size * torch.empty((), dtype=dtype).element_size()
-    if resp.num_rows != n_rows or resp.partial.nbytes != expected or WIRE_DTYPES.get(resp.dtype) != dtype:
+    """A worker's answer → [N, D] (zero copy), in `dtype` or in float32 (partials of rows split across workers
+    come in f32); its size is checked, never trusted."""
+    got = WIRE_DTYPES.get(resp.dtype)
+    if got not in (dtype, torch.float32):
+        raise WireError("partial", f"answer in {got or resp.dtype}, expected {dtype} or float32")
+    expected = n_rows * hidden_size * torch.empty((), dtype=got).element_size()
+    if resp.num_rows != n_rows or resp.partial.nbytes != expected:
         raise WireError("partial", f"answer of {resp.num_rows} rows / {resp.partial.nbytes} bytes, expected "
-                                   f"{n_rows} rows / {expected} bytes of {dtype}")
-    return bytes_to_tensor(resp.partial, dtype, (n_rows, hidden_size))
+                                   f"{n_rows} rows / {expected} bytes of {got}")
+    return bytes_to_tensor(resp.partial, got, (n_rows, hidden_size))
 
 
 def model_id(config) -> str:

@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 import grpc
 import torch
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,9 +30,11 @@ from grokserve.transport.staging import PinnedStaging
 from grokserve.transport.tls import TlsFiles
 from grokserve.v1 import expert_pb2 as pb
 from grokserve.workers.metrics import WorkerMetrics
+from grokserve.workers.shm_server import AttachRefused, SharedMemoryServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "grokserve.v1.ExpertService"
+T = TypeVar("T")
 
 
 class WorkerSettings(BaseModel):
@@ -57,6 +58,7 @@ class WorkerSettings(BaseModel):
     metrics_port_span: int = 1
     shard_name: str = "standalone"
     tls: TlsFiles | None = None  # with ca_file: mutual TLS, only routers with a certificate of that CA get in
+    shared_memory: bool = Field(default=True, description="offer same-host routers the shared-memory data plane")
 
 
 class WeightsNotLoaded(RuntimeError):
@@ -67,19 +69,20 @@ class _Undecodable(ValueError):
     """Bytes that are not a ForwardRequest (→ INVALID_ARGUMENT naming the message)."""
 
 
-def _parse_request(data: bytes) -> pb.ForwardRequest:
+def parse_request(data: bytes | memoryview) -> wire.RequestView:
+    """The request's fields, its tensors viewed in place (gRPC bytes or a shared-memory slot)."""
     try:
-        return pb.ForwardRequest.FromString(data)
-    except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+        return wire.parse_request(data)
+    except wire.WireError as exc:
         raise _Undecodable(f"request: undecodable ForwardRequest ({exc})") from None
 
 
-def _leading_call_id(data: bytes) -> int:
+def _leading_call_id(data: bytes | memoryview) -> int:
     """call_id (field 1, a varint, first on the wire) of a message that did not parse; 0 when unreadable."""
     if len(data) < 2 or data[0] != 0x08:
         return 0
     value = 0
-    for i, byte in enumerate(data[1:11]):
+    for i, byte in enumerate(bytes(data[1:11])):
         value |= (byte & 0x7F) << (7 * i)
         if not byte & 0x80:
             return value
@@ -87,7 +90,12 @@ def _leading_call_id(data: bytes) -> int:
 
 
 class ExpertServicer:
-    """Registered before the server starts; answers UNAVAILABLE until `attach` gives it the weights."""
+    """Registered before the server starts; answers UNAVAILABLE until `attach` gives it the weights.
+
+    `answer` is the one path from request bytes to answer bytes, whatever carries them: gRPC or a
+    shared-memory slot (workers/shm_server.py) give it the request's buffer and a `write` that puts the
+    answer where its transport wants it.
+    """
 
     def __init__(self, settings: WorkerSettings, metrics: WorkerMetrics):
         self.settings = settings
@@ -97,6 +105,7 @@ class ExpertServicer:
         # One compute thread: torch parallelises inside a matmul; the event loop stays free for I/O.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-compute")
         self.staging = PinnedStaging()
+        self.shm: SharedMemoryServer | None = None  # set by ExpertWorker when shared memory is offered
 
     def attach(self, experts: LocalExperts) -> None:
         config = experts.config
@@ -107,35 +116,71 @@ class ExpertServicer:
         self.metrics.weights.labels(self.metrics.shard).set(experts.resident_bytes())
         self.metrics.ready.labels(self.metrics.shard).set(1)
 
-    def _compute(self, req: wire.DecodedRequest, call_id: int, wire_dtype: int) -> tuple[bytes, float]:
-        """Compute and encode in one go: on GPU the partial sits in a reused pinned buffer until encoded."""
+    def _compute(self, req: wire.DecodedRequest, call_id: int, write: Callable[[wire.WireMessage], T]
+                 ) -> tuple[T, float]:
+        """Compute and write the answer in one go: on GPU the partial sits in a reused pinned buffer until
+        written. A row whose other slots belong to another worker (-1) gets its partial in f32, so the router
+        rounds the two workers' sum once, as the reference rounds its two-expert sum."""
         assert self.experts is not None
         start = time.perf_counter()
         device = self.experts.device
+        split_rows = self.experts.dtype != torch.float32 and bool((req.expert_ids < 0).any())
         with torch.inference_mode():
             partial = self.experts.compute(req.layer, self.staging.to_device(req.hidden, device), req.expert_ids,
-                                           req.expert_probs.to(device))
+                                           req.expert_probs.to(device), torch.float32 if split_rows else None)
             partial = self.staging.to_host(partial)
         seconds = time.perf_counter() - start
-        return wire.encode_response_bytes(call_id, wire_dtype, partial, seconds), seconds
+        return write(wire.response_message(call_id, partial, seconds)), seconds
 
-    async def _answer(self, request: pb.ForwardRequest) -> bytes:
-        """A serialized ForwardResponse (hand-encoded: one copy of the partial sums)."""
-        if self.limits is None or self.experts is None:
-            raise WeightsNotLoaded("expert weights are still loading")
+    async def answer(self, data: bytes | memoryview, write: Callable[[wire.WireMessage], T],
+                     refuse: Callable[[int, int, str], T]) -> T:
+        """Request bytes → `write(answer)`; a refused request → `refuse(call_id, grpc code, message)`. Small
+        requests are computed on the event loop itself (a thread hop costs more than their compute), large
+        ones in the compute thread so the loop keeps doing I/O."""
+        prepared = self._prepare(data, refuse)
+        if not isinstance(prepared, wire.DecodedRequest):
+            return prepared[0]
+        if prepared.hidden.numel() <= self.settings.inline_elements:
+            return self._finish(prepared, write)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._finish, prepared, write)
+
+    def answer_now(self, data: bytes | memoryview, write: Callable[[wire.WireMessage], T],
+                   refuse: Callable[[int, int, str], T]) -> T:
+        """The same, computed in the calling thread (a shared-memory attachment's own thread)."""
+        prepared = self._prepare(data, refuse)
+        return prepared[0] if not isinstance(prepared, wire.DecodedRequest) else self._finish(prepared, write)
+
+    def _prepare(self, data: bytes | memoryview, refuse: Callable[[int, int, str], T]
+                 ) -> wire.DecodedRequest | tuple[T]:
+        """Parse and validate; a refused request comes back as (refuse(...),)."""
+        call_id = 0
         m = self.metrics
         try:
-            decoded = wire.decode_request(request, self.limits)
+            request = parse_request(data)
+            call_id = request.call_id
+            if self.limits is None or self.experts is None:
+                raise WeightsNotLoaded("expert weights are still loading")
+            try:
+                decoded = wire.decode_request(request, self.limits)
+            except wire.WireError as exc:
+                m.rejected.labels(m.shard, exc.field).inc()
+                raise
+            decoded.call_id = call_id
+            return decoded
+        except _Undecodable as exc:
+            m.rejected.labels(m.shard, "request").inc()
+            return (refuse(_leading_call_id(data), grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc)),)
         except wire.WireError as exc:
-            m.rejected.labels(m.shard, exc.field).inc()
-            raise
+            return (refuse(call_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc)),)
+        except WeightsNotLoaded as exc:
+            return (refuse(call_id, grpc.StatusCode.UNAVAILABLE.value[0], str(exc)),)
+
+    def _finish(self, decoded: wire.DecodedRequest, write: Callable[[wire.WireMessage], T]) -> T:
+        m = self.metrics
+        assert self.experts is not None
         m.in_flight.labels(m.shard).inc()
         try:
-            if decoded.hidden.numel() <= self.settings.inline_elements:
-                answer, seconds = self._compute(decoded, request.call_id, request.dtype)
-            else:
-                answer, seconds = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._compute, decoded, request.call_id, request.dtype)
+            answer, seconds = self._compute(decoded, decoded.call_id, write)
         finally:
             m.in_flight.labels(m.shard).dec()
         m.compute.labels(m.shard).observe(seconds)
@@ -143,34 +188,24 @@ class ExpertServicer:
         return answer
 
     async def Forward(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        try:
-            return await self._answer(_parse_request(data))
-        except _Undecodable as exc:
-            self.metrics.rejected.labels(self.metrics.shard, "request").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except wire.WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except WeightsNotLoaded as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        raise AssertionError("unreachable: context.abort raises")
+        refused: list[tuple[int, str]] = []
+
+        def refuse(call_id: int, code: int, message: str) -> bytes:
+            refused.append((code, message))
+            return b""
+
+        answer = await self.answer(data, wire.WireMessage.tobytes, refuse)
+        if refused:
+            code, message = refused[0]
+            await context.abort(grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.UNAVAILABLE.value[0]
+                                else grpc.StatusCode.INVALID_ARGUMENT, message)
+        return answer
 
     async def ForwardStream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[bytes]:
         """One answer per request, in order; a refused request is answered in-band and the stream goes on."""
         async for data in requests:
-            call_id = 0
-            try:
-                request = _parse_request(data)
-                call_id = request.call_id
-                yield await self._answer(request)
-            except _Undecodable as exc:
-                self.metrics.rejected.labels(self.metrics.shard, "request").inc()
-                yield wire.encode_stream_error_bytes(_leading_call_id(data), grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                                     str(exc))
-            except wire.WireError as exc:
-                yield wire.encode_stream_error_bytes(call_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc))
-            except WeightsNotLoaded as exc:
-                yield wire.encode_stream_error_bytes(call_id, grpc.StatusCode.UNAVAILABLE.value[0], str(exc))
+            yield await self.answer(data, wire.WireMessage.tobytes, wire.encode_stream_error_bytes)
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         if self.experts is None:
@@ -182,7 +217,19 @@ class ExpertServicer:
             hidden_size=config.d_model, dtype=cast(pb.DType, wire.DTYPE_TO_WIRE[self.experts.dtype]),
             device=str(self.experts.device), max_rows=self.settings.max_rows,
             shard=[pb.LayerExperts(layer=layer, expert_ids=list(ids)) for layer, ids in self.experts.shard.items()],
-            resident_bytes=self.experts.resident_bytes())
+            resident_bytes=self.experts.resident_bytes(), host_id=self.shm.host_id if self.shm else "",
+            shared_memory=self.shm is not None and self.shm.available)
+
+    async def AttachSharedMemory(self, request: pb.AttachRequest, context: grpc.aio.ServicerContext
+                                 ) -> pb.AttachResponse:
+        if self.shm is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "shared memory is off on this worker")
+        assert self.shm is not None
+        try:
+            return self.shm.attach(request)
+        except AttachRefused as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        raise AssertionError("unreachable: context.abort raises")
 
 
 def _raw(data: bytes) -> bytes:
@@ -201,6 +248,9 @@ def add_expert_service(servicer: ExpertServicer, server: grpc.aio.Server) -> Non
         "Info": grpc.unary_unary_rpc_method_handler(
             servicer.Info, request_deserializer=pb.InfoRequest.FromString,
             response_serializer=pb.InfoResponse.SerializeToString),
+        "AttachSharedMemory": grpc.unary_unary_rpc_method_handler(
+            servicer.AttachSharedMemory, request_deserializer=pb.AttachRequest.FromString,
+            response_serializer=pb.AttachResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
@@ -220,6 +270,8 @@ class ExpertWorker:
         self.metrics = WorkerMetrics(settings.shard_name)
         self.metrics_port: int | None = None
         self.servicer = ExpertServicer(settings, self.metrics)
+        if settings.shared_memory:
+            self.servicer.shm = SharedMemoryServer(self.servicer, limit, limit)
         add_expert_service(self.servicer, self.server)
         bind = f"{settings.host}:{settings.port}"
         self.port = (self.server.add_secure_port(bind, settings.tls.server_credentials()) if settings.tls
@@ -242,6 +294,8 @@ class ExpertWorker:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.servicer.shm is not None:
+            await self.servicer.shm.start()
         log.info("expert worker on %s loading shard %s", self.address, self.settings.shard_name)
         try:
             experts = await asyncio.get_running_loop().run_in_executor(None, self._load)
@@ -263,6 +317,8 @@ class ExpertWorker:
         await self.health.enter_graceful_shutdown()
         with contextlib.suppress(asyncio.CancelledError):
             await self.server.stop(grace=self.settings.drain_seconds)
+        if self.servicer.shm is not None:
+            await self.servicer.shm.stop()
         self.servicer.executor.shutdown(wait=False, cancel_futures=True)
         log.info("expert worker on %s stopped", self.address)
 

@@ -47,11 +47,18 @@ def start_plan(spawn_worker, ckpt, plan: PlacementPlan) -> dict[str, list]:
     return procs
 
 
+def dispatch_settings(transport: str, deadline_s: float) -> DispatchSettings:
+    """"stream" / "unary": gRPC with that call style; "shm": shared memory (workers here share our host)."""
+    if transport == "shm":
+        return DispatchSettings(deadline_s=deadline_s, transport="shm")
+    return DispatchSettings(deadline_s=deadline_s, transport="grpc", grpc_call=transport)
+
+
 def distributed_engine(loaded, plan, procs, transport="stream", deadline_s=10.0):
     endpoints = {name: [p.address for p in reps] for name, reps in procs.items()}
     loop = LoopThread("test-dispatch")  # the engine's loop, handed to the dispatcher
     dispatcher = Dispatcher(loaded.config, plan, endpoints, torch.float32, loop,
-                            DispatchSettings(deadline_s=deadline_s, transport=transport))
+                            dispatch_settings(transport, deadline_s))
     dense = DenseModel(loaded.config, torch.float32, loaded.params)
     return ReferenceEngine(GrokModel(dense, dispatcher), loop=loop.loop), dispatcher
 
@@ -70,7 +77,7 @@ def test_distributed_forward_and_greedy_equal_reference(placement, loaded, refer
                                                        tiny_grokserve_ckpt):
     plan = PLACEMENTS[placement](loaded.config)
     procs = start_plan(spawn_worker, tiny_grokserve_ckpt, plan)
-    for transport in ("stream", "unary"):
+    for transport in ("stream", "unary", "shm"):
         engine, dispatcher = distributed_engine(loaded, plan, procs, transport)
         try:
             for p in prompts:
@@ -78,6 +85,8 @@ def test_distributed_forward_and_greedy_equal_reference(placement, loaded, refer
             params = SamplingParams(max_tokens=8, ignore_eos=True)
             got = [g.token_ids for g in engine.generate(prompts, params)]
             assert got == [g.token_ids for g in reference.generate(prompts, params)]
+            kinds = {r["transport"] for reps in dispatcher.replica_states().values() for r in reps}
+            assert kinds == {"shm" if transport == "shm" else f"grpc-{transport}"}, kinds
             if any(s.replicas > 1 for s in plan.shards):  # round-robin really used every replica
                 served = {r["address"]: r["calls"] for reps in dispatcher.replica_states().values() for r in reps}
                 assert all(served.get(p.address, 0) > 0 for reps in procs.values() for p in reps), served

@@ -273,12 +273,16 @@ def test_a_worker_back_with_the_wrong_experts_is_refused_naming_the_mismatch(tin
             # back on the same address, but holding the other shard's experts
             spawn_worker(tiny_grokserve_ckpt, "all", ",".join(map(str, shards[0].experts)),
                          extra=("--port", port)).wait_serving()
-            time.sleep(1.2)  # past the dispatcher's down-backoff: the victim's address is tried again
-            for _ in range(10):  # the shard's other replica serves everything
+            def victim_state() -> dict:
+                return {r["address"]: r for reps in dispatcher.replica_states().values() for r in reps}[victim.address]
+
+            deadline = time.monotonic() + 15
+            while victim_state()["state"] != "refused":  # tried again after its down-backoff, then refused
+                assert _outcome(client, prompts[2], 10) == grpc.StatusCode.OK  # the other replica serves all
+                assert time.monotonic() < deadline, victim_state()
+            assert "does not hold" in victim_state()["reason"], victim_state()
+            for _ in range(5):
                 assert _outcome(client, prompts[2], 10) == grpc.StatusCode.OK
-            states = {r["address"]: r for reps in dispatcher.replica_states().values() for r in reps}
-            refused = states[victim.address]
-            assert refused["state"] == "refused" and "does not hold" in refused["reason"], refused
             # with no good replica left, requests fail UNAVAILABLE naming the mismatch (not INTERNAL)
             procs[shards[1].name][1].kill()
             with pytest.raises(grpc.RpcError) as info:

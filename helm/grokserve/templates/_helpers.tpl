@@ -32,7 +32,8 @@ router:
   grpc_port: {{ .Values.router.grpcPort }}
   metrics_port: {{ .Values.router.metricsPort }}
   dispatch:
-    transport: {{ .Values.router.transport }}
+    transport: {{ .Values.router.dispatchTransport }}
+    grpc_call: {{ .Values.router.transport }}
     deadline_s: {{ .Values.router.dispatchDeadlineSeconds }}
   ray_actor_options:
     num_cpus: {{ .Values.router.rayActorOptions.num_cpus }}

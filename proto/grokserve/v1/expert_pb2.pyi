@@ -75,7 +75,7 @@ class LayerExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "num_layers", "num_experts", "hidden_size", "dtype", "device", "max_rows", "shard", "resident_bytes")
+    __slots__ = ("model_id", "num_layers", "num_experts", "hidden_size", "dtype", "device", "max_rows", "shard", "resident_bytes", "host_id", "shared_memory")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,8 @@ class InfoResponse(_message.Message):
     MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     num_layers: int
     num_experts: int
@@ -94,4 +96,28 @@ class InfoResponse(_message.Message):
     max_rows: int
     shard: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     resident_bytes: int
-    def __init__(self, model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., max_rows: _Optional[int] = ..., shard: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
+    host_id: str
+    shared_memory: bool
+    def __init__(self, model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., max_rows: _Optional[int] = ..., shard: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("host_id", "slots")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    slots: int
+    def __init__(self, host_id: _Optional[str] = ..., slots: _Optional[int] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("socket", "token", "slots", "request_bytes", "response_bytes")
+    SOCKET_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    socket: str
+    token: bytes
+    slots: int
+    request_bytes: int
+    response_bytes: int
+    def __init__(self, socket: _Optional[str] = ..., token: _Optional[bytes] = ..., slots: _Optional[int] = ..., request_bytes: _Optional[int] = ..., response_bytes: _Optional[int] = ...) -> None: ...

@@ -49,6 +49,11 @@ class ExpertServiceStub:
                 request_serializer=grokserve_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
                 response_deserializer=grokserve_dot_v1_dot_expert__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.AttachSharedMemory = channel.unary_unary(
+                '/grokserve.v1.ExpertService/AttachSharedMemory',
+                request_serializer=grokserve_dot_v1_dot_expert__pb2.AttachRequest.SerializeToString,
+                response_deserializer=grokserve_dot_v1_dot_expert__pb2.AttachResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -76,6 +81,14 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachSharedMemory(self, request, context):
+        """Same-host data plane: a shared-memory segment of request/answer slots for this router, handed over a
+        Unix socket to the peer that presents the one-time token of the answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=grokserve_dot_v1_dot_expert__pb2.InfoRequest.FromString,
                     response_serializer=grokserve_dot_v1_dot_expert__pb2.InfoResponse.SerializeToString,
+            ),
+            'AttachSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachSharedMemory,
+                    request_deserializer=grokserve_dot_v1_dot_expert__pb2.AttachRequest.FromString,
+                    response_serializer=grokserve_dot_v1_dot_expert__pb2.AttachResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class ExpertService:
             '/grokserve.v1.ExpertService/Info',
             grokserve_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
             grokserve_dot_v1_dot_expert__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/grokserve.v1.ExpertService/AttachSharedMemory',
+            grokserve_dot_v1_dot_expert__pb2.AttachRequest.SerializeToString,
+            grokserve_dot_v1_dot_expert__pb2.AttachResponse.FromString,
             options,
             channel_credentials,
             insecure,
