@@ -121,7 +121,7 @@ def source_env(checkout: Path | None) -> dict | None:
 
 
 def start_system(kind: str, checkpoint: Path, threads: int, metrics: bool = False, overlap: bool = False,
-                 checkout: Path | None = None) -> tuple[list[subprocess.Popen], str]:
+                 checkout: Path | None = None, dtype: str = "float32") -> tuple[list[subprocess.Popen], str]:
     """(a) 'distributed': 2 expert workers + a router; (b) 'local': one router with experts in process.
     With `metrics`, every process collects and serves Prometheus metrics; with `checkout`, the processes run
     that checkout's code."""
@@ -132,10 +132,11 @@ def start_system(kind: str, checkpoint: Path, threads: int, metrics: bool = Fals
     if kind == "distributed":
         for experts in ("0-3", "4-7"):
             proc, address = start_process([*cli, "worker", "--checkpoint", str(checkpoint), "--experts", experts,
-                                           "--threads", "1", *metrics_args], env)
+                                           "--threads", "1", "--dtype", dtype, *metrics_args], env)
             procs.append(proc)
             workers.append(address)
     router_args = [*cli, "router", "--checkpoint", str(checkpoint), "--port", "0", "--threads", str(threads),
+                   "--dtype", dtype,
                    *metrics_args, *(["--micro-batch-overlap"] if overlap else [])]
     if workers:
         router_args += ["--workers", ",".join(workers)]
@@ -183,7 +184,8 @@ def ab_rounds(args, label: str, options) -> list[dict]:
 def sweep_system(name: str, kind: str, args, metrics: bool = False, overlap: bool = False,
                  checkout: Path | None = None) -> list[dict]:
     """Start a system, sweep it, stop it."""
-    procs, address = start_system(kind, Path(args.checkpoint), args.router_threads, metrics, overlap, checkout)
+    procs, address = start_system(kind, Path(args.checkpoint), args.router_threads, metrics, overlap, checkout,
+                                  args.dtype)
     try:
         return sweep(name, address, args)
     finally:
@@ -232,6 +234,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", default="16,64", type=lambda s: tuple(int(x) for x in s.split(",")))
     parser.add_argument("--output-tokens", default="32,64", type=lambda s: tuple(int(x) for x in s.split(",")))
     parser.add_argument("--router-threads", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--baseline", type=Path,
                         help="a checkout of another revision: run its local router (or --baseline-kind) beside this "
                              "tree's, alternating --rounds times, and print this / baseline throughput")
