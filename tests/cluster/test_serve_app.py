@@ -83,6 +83,9 @@ def test_shards_land_on_the_requested_nodes_and_a_stream_is_served_end_to_end(ap
         chunks = list(client.generate_stream(prompts[2], max_tokens=8, temperature=0.0, ignore_eos=True))
     expected = reference.generate([prompts[2]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
     assert [t for c in chunks for t in c.token_ids] == expected
+    # every replica shares this host with the router (simulated nodes): dispatch goes through shared memory
+    replicas = describe(APP)["router"]["replicas"]
+    assert {r["transport"] for reps in replicas.values() for r in reps} == {"shm"}, replicas
 
 
 class SteadyLoad:
