@@ -7,6 +7,7 @@ experts in process) behind the same API, and prints (a)/(b) throughput.
 
     python bench/load.py --address 127.0.0.1:50051 --concurrency 1,8,32
     python bench/load.py --compare --concurrency 1,4,16,32 --json load.json --plot load.png
+    python bench/load.py --int8 --dtype bfloat16 --concurrency 32   # router + 2 workers: int8 vs dense weights
 """
 
 from __future__ import annotations
@@ -121,22 +122,24 @@ def source_env(checkout: Path | None) -> dict | None:
 
 
 def start_system(kind: str, checkpoint: Path, threads: int, metrics: bool = False, overlap: bool = False,
-                 checkout: Path | None = None, dtype: str = "float32") -> tuple[list[subprocess.Popen], str]:
+                 checkout: Path | None = None, dtype: str = "float32", weights: str = "dense"
+                 ) -> tuple[list[subprocess.Popen], str]:
     """(a) 'distributed': 2 expert workers + a router; (b) 'local': one router with experts in process.
     With `metrics`, every process collects and serves Prometheus metrics; with `checkout`, the processes run
-    that checkout's code."""
+    that checkout's code; `weights` (dense / int8) is passed only when not dense (older checkouts lack it)."""
     env = source_env(checkout)
+    weight_args = ["--weights", weights] if weights != "dense" else []
     cli = [sys.executable, "-m", "grokserve.cluster.cli"]
     metrics_args = ["--metrics-port", "0"] if metrics else []
     procs, workers = [], []
     if kind == "distributed":
         for experts in ("0-3", "4-7"):
             proc, address = start_process([*cli, "worker", "--checkpoint", str(checkpoint), "--experts", experts,
-                                           "--threads", "1", "--dtype", dtype, *metrics_args], env)
+                                           "--threads", "1", "--dtype", dtype, *weight_args, *metrics_args], env)
             procs.append(proc)
             workers.append(address)
     router_args = [*cli, "router", "--checkpoint", str(checkpoint), "--port", "0", "--threads", str(threads),
-                   "--dtype", dtype,
+                   "--dtype", dtype, *weight_args,
                    *metrics_args, *(["--micro-batch-overlap"] if overlap else [])]
     if workers:
         router_args += ["--workers", ",".join(workers)]
@@ -182,10 +185,10 @@ def ab_rounds(args, label: str, options) -> list[dict]:
 
 
 def sweep_system(name: str, kind: str, args, metrics: bool = False, overlap: bool = False,
-                 checkout: Path | None = None) -> list[dict]:
+                 checkout: Path | None = None, weights: str | None = None) -> list[dict]:
     """Start a system, sweep it, stop it."""
     procs, address = start_system(kind, Path(args.checkpoint), args.router_threads, metrics, overlap, checkout,
-                                  args.dtype)
+                                  args.dtype, weights or args.weights)
     try:
         return sweep(name, address, args)
     finally:
@@ -235,6 +238,9 @@ def main() -> None:
     parser.add_argument("--output-tokens", default="32,64", type=lambda s: tuple(int(x) for x in s.split(",")))
     parser.add_argument("--router-threads", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--weights", default="dense", choices=("dense", "int8"))
+    parser.add_argument("--int8", action="store_true",
+                        help="run router+2 workers with dense weights, then int8 (alternating, --rounds times)")
     parser.add_argument("--baseline", type=Path,
                         help="a checkout of another revision: run its local router (or --baseline-kind) beside this "
                              "tree's, alternating --rounds times, and print this / baseline throughput")
@@ -258,6 +264,8 @@ def main() -> None:
         results += ab_rounds(args, "metrics", lambda on: {"metrics": on})
     if args.overlap:
         results += ab_rounds(args, "overlap", lambda on: {"overlap": on})
+    if args.int8:
+        results += ab_rounds(args, "int8", lambda on: {"weights": "int8" if on else "dense"})
     if args.baseline:
         kind = args.baseline_kind
         for _ in range(args.rounds):
@@ -275,7 +283,7 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot)
     if not results:
-        parser.error("give --address, --compare, --metrics-overhead, --overlap or --baseline")
+        parser.error("give --address, --compare, --metrics-overhead, --overlap, --int8 or --baseline")
     print(json.dumps({"median_tokens_per_s": statistics.median(r["output_tokens_per_s"] for r in results)}))
 
 

@@ -59,7 +59,8 @@ class ExpertShardReplica:
         self.shard_name = shard_name
         self.node_id = ray.get_runtime_context().get_node_id()
         settings = WorkerSettings(checkpoint=checkpoint, shard=shard.as_map(), dtype=spec.model.dtype,
-                                  device=resolve_device(spec.model.device), max_rows=spec.experts.max_rows,
+                                  weights=spec.model.weights, device=resolve_device(spec.model.device),
+                                  max_rows=spec.experts.max_rows,
                                   shared_memory=spec.experts.shared_memory,
                                   host=ray.util.get_node_ip_address(), port=0,
                                   metrics_port=spec.experts.metrics_port, metrics_port_span=METRICS_PORT_SPAN,
@@ -120,7 +121,7 @@ class RouterReplica:
         self.registry = get_registry()
         self.router = build_router(checkpoint, spec.model.dtype, resolve_device(spec.model.device), self.plan,
                                    self._endpoints(), spec.router.limits, spec.router.dispatch,
-                                   spec.security.dispatch_tls())
+                                   spec.security.dispatch_tls(), spec.model.weights)
         self.metrics_port = None
         if spec.router.metrics_port is not None:
             self.metrics_port = serve_metrics(self.router.metrics.registry, ray.util.get_node_ip_address(),

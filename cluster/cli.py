@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from grokserve.model.checkpoint import FORMATS, CheckpointError
+from grokserve.model.dtypes import WEIGHT_MODES
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -71,7 +72,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from grokserve.model.engine import ReferenceEngine
 
-    engine = ReferenceEngine.from_checkpoint(args.checkpoint, args.format, args.dtype, args.config)
+    engine = ReferenceEngine.from_checkpoint(args.checkpoint, args.format, args.dtype, args.config,
+                                             weights=args.weights)
     logits = engine.logits(args.tokens)  # [T, V] f32
     np.save(args.output, logits.cpu().numpy())
     print(f"wrote logits {tuple(logits.shape)} float32 to {args.output}")
@@ -294,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="grokserve", choices=FORMATS)
     p.add_argument("--config", help="model config JSON (needed for non-grok-1 official checkpoints)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--weights", default="dense", choices=WEIGHT_MODES,
+                   help="dense: matrices in --dtype; int8: the release's int8 matrices kept as int8 (W8A16)")
     p.add_argument("--tokens", required=True, type=_int_list, help="comma-separated token ids, e.g. 5,17,42")
     p.add_argument("--output", required=True, help="output .npy file")
     p.set_defaults(handler=cmd_score)
@@ -307,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     p.add_argument("--port", type=int, default=0, help="port (0 = pick a free one and print it)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--weights", default="dense", choices=WEIGHT_MODES,
+                   help="dense: matrices in --dtype; int8: the release's int8 matrices kept as int8 (W8A16)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     add_settings_options(p, WorkerSettings, only=("max_rows", "shared_memory"))
     p.add_argument("--threads", type=int, default=1,
@@ -324,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--weights", default="dense", choices=WEIGHT_MODES,
+                   help="dense: matrices in --dtype; int8: the release's int8 matrices kept as int8 (W8A16)")
     p.add_argument("--device", default="cpu")
     add_settings_options(p, EngineLimits)
     add_settings_options(p, DispatchSettings, prefix="dispatch")

@@ -50,6 +50,9 @@ class ActorOptions(_Strict):
 class ModelSpec(_Strict):
     checkpoint: str = Field(default=DEMO, description="a grokserve checkpoint folder, or 'demo'")
     dtype: Literal["float32", "bfloat16"] = "float32"
+    weights: Literal["dense", "int8"] = Field(
+        default="dense", description="dense: matrices materialised in dtype; int8: the release's int8 attention and "
+                                     "expert matrices kept as int8 with bf16 scales (half of bfloat16's memory)")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
 
     def checkpoint_path(self) -> Path:

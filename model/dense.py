@@ -7,7 +7,7 @@ Router replicas hold this; the MoE FFNs are reached through an `ExpertBackend` (
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from grokserve.model import layers
 from grokserve.model.batch import AttentionGroup, StepBatch
 from grokserve.model.config import GrokConfig
+from grokserve.model.dtypes import check_weight_mode
+from grokserve.model.int8 import Int8Weight, matmul, resident_int8
 from grokserve.model.kv_cache import KVCache, StepKV
 from grokserve.model.weights import NORMS, Param, embed_name, final_norm_name, layer_name, materialize
 
@@ -34,28 +36,35 @@ def _multiplier(value: float, dtype: torch.dtype) -> float:
 
 
 class DenseModel:
-    """Dense weights of all layers in `dtype` (big matrices) and f32 (embedding table, norms, router).
+    """Dense weights of all layers: the big matrices in `dtype` (or, with `weights="int8"`, resident int8 with
+    bf16 scales, model/int8.py) and f32 (embedding table, norms, router).
 
     The query, key and value projections of a layer are stacked into one matrix `wqkv` [Hq·d + 2·Hkv·d, D]:
     one matmul instead of three, with the same dot products.
     """
 
     def __init__(self, config: GrokConfig, dtype: torch.dtype, params: Mapping[str, Param],
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", weights: str = "dense"):
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
         self.embed = materialize(params[embed_name()], torch.float32).to(self.device)  # [V, D] f32
         self.embed_act = self.embed.to(dtype)  # [V, D] the reference casts the table at use
         self.final_norm = materialize(params[final_norm_name()], torch.float32).to(self.device)
-        self.layers: list[dict[str, torch.Tensor]] = []
+        self.weights = check_weight_mode(weights)
+        self.layers: list[dict[str, Any]] = []
         for layer in range(config.n_layers):
-            qkv = [materialize(params[layer_name(layer, w)], dtype) for w in ("wq", "wk", "wv")]
-            weights = {"wqkv": torch.cat(qkv).to(self.device),  # [Hq·d + 2·Hkv·d, D]
-                       "wo": materialize(params[layer_name(layer, "wo")], dtype).to(self.device)}
+            names = [layer_name(layer, w) for w in ("wq", "wk", "wv", "wo")]
+            if weights == "int8":
+                q8, k8, v8, o8 = (resident_int8(params[n], n, self.device) for n in names)
+                matrices: dict[str, Any] = {"wqkv": Int8Weight.concat([q8, k8, v8]), "wo": o8}
+            else:
+                q, k, v, o = (materialize(params[n], dtype) for n in names)
+                matrices = {"wqkv": torch.cat([q, k, v]).to(self.device),  # [Hq·d + 2·Hkv·d, D]
+                            "wo": o.to(self.device)}
             for norm in (*NORMS, "router"):
-                weights[norm] = materialize(params[layer_name(layer, norm)], torch.float32).to(self.device)
-            self.layers.append(weights)
+                matrices[norm] = materialize(params[layer_name(layer, norm)], torch.float32).to(self.device)
+            self.layers.append(matrices)
         self.embedding_multiplier = _multiplier(config.embedding_multiplier, dtype)
         self.output_multiplier = _multiplier(config.output_multiplier, dtype)
         self.rope = layers.RopeTable(config.max_seq_len, config.head_dim, config.rope_base, self.device)
@@ -73,7 +82,7 @@ class DenseModel:
         c, w = self.config, self.layers[layer]
         n_tokens = h.shape[0]
         x = layers.rms_norm(h, w["attn_norm"], c.rms_eps)
-        qkv = F.linear(x, w["wqkv"]).view(n_tokens, c.n_q_heads + 2 * c.n_kv_heads, c.head_dim)  # [N, H, d]
+        qkv = matmul(x, w["wqkv"]).view(n_tokens, c.n_q_heads + 2 * c.n_kv_heads, c.head_dim)  # [N, H, d]
         n_qk = c.n_q_heads + c.n_kv_heads
         qkv = torch.cat([layers.apply_rope(qkv[:, :n_qk], cos, signed_sin), qkv[:, n_qk:]], dim=1)  # rotate q, k
         if len(groups) == 1 and groups[0][0].slots is None:  # the N tokens are the group's [B, T] rows
@@ -88,7 +97,7 @@ class DenseModel:
                 if group.valid_slots is not None:
                     rows = rows.index_select(0, group.valid_slots)
                 attended.index_copy_(0, group.valid_tokens, rows)
-        return h.add_(layers.rms_norm(F.linear(attended, w["wo"]), w["attn_post_norm"], c.rms_eps))
+        return h.add_(layers.rms_norm(matmul(attended, w["wo"]), w["attn_post_norm"], c.rms_eps))
 
     def _attend(self, layer: int, qkv: torch.Tensor, kv: StepKV) -> torch.Tensor:
         """qkv [B, T, Hq + 2·Hkv, d] (q and k rotated) → attention output [B, T, Hq·d]; writes this call's K/V."""

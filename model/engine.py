@@ -67,12 +67,13 @@ class ReferenceEngine:
 
     @classmethod
     def from_loaded(cls, ckpt: LoadedCheckpoint, dtype: str = "float32", experts: ExpertBackend | None = None,
-                    prefill_chunk: int | None = None, device: str = "cpu") -> ReferenceEngine:
+                    prefill_chunk: int | None = None, device: str = "cpu", weights: str = "dense") -> ReferenceEngine:
+        """`weights`: "dense" (matrices materialised in `dtype`) or "int8" (resident int8, model/int8.py)."""
         dt = torch_dtype(dtype)
-        dense = DenseModel(ckpt.config, dt, ckpt.params, device)
+        dense = DenseModel(ckpt.config, dt, ckpt.params, device, weights)
         if experts is None:
             everything = {layer: range(ckpt.config.n_experts) for layer in range(ckpt.config.n_layers)}
-            experts = LocalExperts(ckpt.config, everything, dt, ckpt.params, device)
+            experts = LocalExperts(ckpt.config, everything, dt, ckpt.params, device, weights)
         tokenizer = Tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
         return cls(GrokModel(dense, experts), tokenizer, prefill_chunk)
 

@@ -8,12 +8,15 @@ router's probability of each; output is the probability-weighted sum.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from grokserve.model import layers
 from grokserve.model.config import GrokConfig
+from grokserve.model.dtypes import check_weight_mode
+from grokserve.model.int8 import resident_int8
 from grokserve.model.weights import EXPERT_MATRICES, Param, expert_name, materialize
 
 NO_EXPERT = -1  # an expert-id slot that this holder should ignore
@@ -24,45 +27,56 @@ class ExpertShardError(ValueError):
 
 
 class LocalExperts:
-    """The experts of one shard, in this process: stacked weights per layer, and their FFN computation.
+    """The experts of one shard, in this process: their weights per layer, and their FFN computation.
 
-    For layer L: w_gate/w_up [E_L, F, D] and w_down [E_L, D, F] in the activation dtype, and `local_index[L][e]`
-    = row of expert e in the stacks (-1 when not held). On CPU in bf16 mode the down projection is kept in
-    f32 (converted once, exactly): the reference's down projection is an f32 matmul, and converting the
-    weight on every call would copy it each time.
+    For layer L: w_gate/w_up [E_L, F, D] and w_down [E_L, D, F] in the activation dtype (`stacks`), or with
+    `weights="int8"` each expert's three matrices resident as int8 with bf16 scales in their original block
+    layout (model/int8.py); `local_index[L][e]` = position of expert e in the layer's list (-1 when not held).
+    On CPU in bf16 mode the down projection is kept in f32 (converted once, exactly): the reference's down
+    projection is an f32 matmul, and converting the weight on every call would copy it each time.
     """
 
     def __init__(self, config: GrokConfig, shard: Mapping[int, Iterable[int]], dtype: torch.dtype,
-                 params: Mapping[str, Param], device: torch.device | str = "cpu"):
+                 params: Mapping[str, Param], device: torch.device | str = "cpu", weights: str = "dense"):
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
+        self.weight_mode = check_weight_mode(weights)
         self.shard: dict[int, tuple[int, ...]] = {int(k): tuple(sorted(set(v))) for k, v in shard.items()}
         self.fast_down = self.device.type == "cuda"  # see layers.expert_ffn
         down_dtype = dtype if self.fast_down else torch.float32
         self.stacks: dict[int, dict[str, torch.Tensor]] = {}
         self.local_index: dict[int, np.ndarray] = {}
-        self.weights: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.weights: dict[int, list[tuple[Any, Any, Any]]] = {}  # per expert: (w_gate, w_up, w_down)
         for layer, experts in self.shard.items():
             if not 0 <= layer < config.n_layers:
                 raise ExpertShardError(f"layer {layer} out of range [0, {config.n_layers})")
             for e in experts:
                 if not 0 <= e < config.n_experts:
                     raise ExpertShardError(f"expert {e} out of range [0, {config.n_experts})")
-            self.stacks[layer] = {
-                what: torch.stack([materialize(params[expert_name(layer, e, what)],
-                                               down_dtype if what == "w_down" else dtype) for e in experts])
-                .to(self.device).contiguous()
-                for what in EXPERT_MATRICES
-            }
-            # per expert (w_gate [F, D], w_up [F, D], w_down [D, F]): views made once, not per call
-            self.weights[layer] = list(zip(*(self.stacks[layer][what].unbind(0) for what in EXPERT_MATRICES),
-                                           strict=True))
+            if weights == "int8":  # nothing is dequantised: the int8 tensors are kept as loaded
+                self.weights[layer] = []
+                for e in experts:
+                    gate, up, down = (resident_int8(params[expert_name(layer, e, what)], expert_name(layer, e, what),
+                                                    self.device) for what in EXPERT_MATRICES)
+                    self.weights[layer].append((gate, up, down))
+            else:
+                self.stacks[layer] = {
+                    what: torch.stack([materialize(params[expert_name(layer, e, what)],
+                                                   down_dtype if what == "w_down" else dtype) for e in experts])
+                    .to(self.device).contiguous()
+                    for what in EXPERT_MATRICES
+                }
+                # per expert (w_gate [F, D], w_up [F, D], w_down [D, F]): views made once, not per call
+                self.weights[layer] = list(zip(*(self.stacks[layer][what].unbind(0) for what in EXPERT_MATRICES),
+                                               strict=True))
             index = np.full(config.n_experts, -1, dtype=np.int64)
             index[list(experts)] = np.arange(len(experts))
             self.local_index[layer] = index  # host-side: routing plans are made on the host
 
     def resident_bytes(self) -> int:
+        if self.weight_mode == "int8":
+            return sum(w.nbytes for per_layer in self.weights.values() for expert in per_layer for w in expert)
         return sum(t.numel() * t.element_size() for stack in self.stacks.values() for t in stack.values())
 
     async def forward(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_probs: torch.Tensor
@@ -78,7 +92,7 @@ class LocalExperts:
         Rows are grouped by expert with a routing plan made on the host (numpy: microseconds, no device
         sync): per used expert one gather of its rows, three matmuls and one scatter-add.
         """
-        if layer not in self.stacks:
+        if layer not in self.weights:
             raise ExpertShardError(f"layer {layer} is not held by this shard")
         n_rows = hidden.shape[0]
         out_dtype = out_dtype or self.dtype

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from grokserve.model.int8 import Int8Weight, int8_matmul, matmul, uses_kernel
+
 MASK_FILL = -1e30  # finite, as in the reference: a fully masked row gives a uniform distribution
 
 
@@ -94,22 +96,26 @@ def select_experts(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int
     return expert_ids[:, :top_k], expert_probs[:, :top_k]
 
 
-def expert_ffn(
-    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, fast_down: bool = False
-) -> torch.Tensor:
+def expert_ffn(x: torch.Tensor, w_gate: torch.Tensor | Int8Weight, w_up: torch.Tensor | Int8Weight,
+               w_down: torch.Tensor | Int8Weight, fast_down: bool = False) -> torch.Tensor:
     """One expert on its rows: x [n, D] → f32 [n, D]. linear_1(gelu_tanh(x·linear) · (x·linear_v)).
 
     The two input projections run in the activation dtype (bf16 results, as the reference); GELU and the
     product run in f32, and so does the down projection (docs/grok1.md §3): `w_down` is given in f32 (a
     bf16 weight converted once, exactly) unless `fast_down`, where it is a bf16 matmul with f32
     accumulation on the bf16-rounded product (the GPU path: no f32 weight copy; XLA itself would use TF32
-    for that f32 dot on a GPU).
+    for that f32 dot on a GPU). Resident int8 weights (model/int8.py) take the same path with W8A16 matmuls;
+    where the CPU int8 kernel runs (decode sizes) or `fast_down`, their down projection takes the bf16-rounded
+    product.
     """
-    gate = F.linear(x, w_gate)  # [n, F]
-    up = F.linear(x, w_up)  # [n, F]
+    gate = matmul(x, w_gate)  # [n, F]
+    up = matmul(x, w_up)  # [n, F]
     if gate.dtype != torch.float32:
         gate, up = gate.float(), up.float()
     hidden = F.gelu(gate, approximate="tanh").mul_(up)  # [n, F] f32
+    if isinstance(w_down, Int8Weight):
+        rounded = x.dtype == torch.bfloat16 and (fast_down or uses_kernel(w_down, hidden.shape[0], hidden.device))
+        return int8_matmul(hidden.to(torch.bfloat16) if rounded else hidden, w_down, torch.float32)  # [n, D]
     if fast_down and w_down.dtype != torch.float32:
         return F.linear(hidden.to(w_down.dtype), w_down).float()  # [n, D]
     return F.linear(hidden, w_down if w_down.dtype == torch.float32 else w_down.float())  # [n, D] f32

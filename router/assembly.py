@@ -78,20 +78,21 @@ class Router:
 def build_router(checkpoint: str | Path, dtype: str = "float32", device: str = "cpu",
                  plan: PlacementPlan | None = None, endpoints: dict[str, list[str]] | None = None,
                  limits: EngineLimits | None = None, dispatch: DispatchSettings | None = None,
-                 dispatch_tls: TlsFiles | None = None) -> Router:
+                 dispatch_tls: TlsFiles | None = None, weights: str = "dense") -> Router:
     """Load the dense half (and, without a plan, every expert) and start an engine. Its metrics are collected
-    into `Router.metrics.registry`; serving them (/metrics) is the caller's choice."""
+    into `Router.metrics.registry`; serving them (/metrics) is the caller's choice. `weights`: "dense" or
+    "int8" (the attention matrices, and in-process experts, resident as int8: model/int8.py)."""
     ckpt = GrokserveCheckpoint(checkpoint)
     config, dt = ckpt.config, torch_dtype(dtype)
     metrics = RouterMetrics(config)
-    dense = DenseModel(config, dt, ckpt.load(ckpt.dense_names(), progress="loading dense weights"), device)
+    dense = DenseModel(config, dt, ckpt.lazy(ckpt.dense_names(), progress="loading dense weights"), device, weights)
     loop = LoopThread("router-engine")  # the engine's loop, handed to the dispatcher: no thread hop per layer
     dispatcher = None
     experts: ExpertBackend
     if plan is None:  # experts in process
         everything = {layer: list(range(config.n_experts)) for layer in range(config.n_layers)}
         experts = LocalExperts(config, everything, dt,
-                               ckpt.load(ckpt.expert_names(everything), progress="loading experts"), device)
+                               ckpt.lazy(ckpt.expert_names(everything), progress="loading experts"), device, weights)
     else:
         experts = dispatcher = Dispatcher(config, plan, endpoints or {}, dt, loop, dispatch, metrics, dispatch_tls)
     tokenizer = Tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None

@@ -40,7 +40,8 @@ async def run_router(args: argparse.Namespace) -> None:
     client_tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
     tokens = load_tokens(args.tokens_file) if args.tokens_file else None
     limits, dispatch = settings_from_args(args)
-    router = build_router(args.checkpoint, args.dtype, args.device, plan, endpoints, limits, dispatch, tls)
+    router = build_router(args.checkpoint, args.dtype, args.device, plan, endpoints, limits, dispatch, tls,
+                          args.weights)
     metrics = ""
     if args.metrics_port is not None:
         metrics = f", metrics :{serve_metrics(router.metrics.registry, args.host, args.metrics_port)}"

@@ -30,6 +30,7 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     except ValueError as exc:
         raise ValueError(f"--experts: {exc}") from None
     return WorkerSettings(checkpoint=args.checkpoint, shard={layer: experts for layer in layers}, dtype=args.dtype,
+                          weights=args.weights,
                           device=args.device, max_rows=args.max_rows, host=args.host, port=args.port,
                           shared_memory=args.shared_memory,
                           metrics_port=args.metrics_port, shard_name=args.shard_name,

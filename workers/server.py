@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Literal, TypeVar, cast
 
 import grpc
 import torch
@@ -46,6 +46,8 @@ class WorkerSettings(BaseModel):
     checkpoint: Path
     shard: dict[int, list[int]] = Field(description="layer → expert ids held")
     dtype: str = "float32"
+    weights: Literal["dense", "int8"] = Field(default="dense", description="int8: the release's int8 experts kept "
+                                              "as int8 with bf16 scales (half of bf16's memory)")
     device: str = "cpu"
     max_rows: int = Field(default=4096, ge=1, description="largest number of rows accepted per message")
     host: str = "127.0.0.1"
@@ -218,7 +220,7 @@ class ExpertServicer:
             device=str(self.experts.device), max_rows=self.settings.max_rows,
             shard=[pb.LayerExperts(layer=layer, expert_ids=list(ids)) for layer, ids in self.experts.shard.items()],
             resident_bytes=self.experts.resident_bytes(), host_id=self.shm.host_id if self.shm else "",
-            shared_memory=self.shm is not None and self.shm.available)
+            shared_memory=self.shm is not None and self.shm.available, weights=self.experts.weight_mode)
 
     async def AttachSharedMemory(self, request: pb.AttachRequest, context: grpc.aio.ServicerContext
                                  ) -> pb.AttachResponse:
@@ -307,9 +309,7 @@ class ExpertWorker:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     def _load(self) -> LocalExperts:
-        s = self.settings
-        params = self.ckpt.load(self.ckpt.expert_names(s.shard), progress=f"loading experts on {self.address}")
-        return LocalExperts(self.ckpt.config, s.shard, torch_dtype(s.dtype), params, s.device)
+        return load_experts(self.ckpt, self.settings, progress=f"loading experts on {self.address}")
 
     async def stop(self) -> None:
         self.metrics.ready.labels(self.metrics.shard).set(0)
@@ -322,3 +322,13 @@ class ExpertWorker:
         self.servicer.executor.shutdown(wait=False, cancel_futures=True)
         log.info("expert worker on %s stopped", self.address)
 
+
+def load_experts(ckpt: GrokserveCheckpoint, settings: WorkerSettings, progress: str | None = None) -> LocalExperts:
+    """The shard's experts, each tensor read from disk once and converted (int8: kept as read) before the next
+    is read: loading grows the process by the resident shard and one matrix (bench/int8.py)."""
+    params = ckpt.lazy(ckpt.expert_names(settings.shard), progress=progress)
+    try:
+        return LocalExperts(ckpt.config, settings.shard, torch_dtype(settings.dtype), params, settings.device,
+                            settings.weights)
+    finally:
+        params.close()

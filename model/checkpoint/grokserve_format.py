@@ -7,8 +7,10 @@
     DIR/experts/layer-LLLLL.safetensors   that layer's experts
 
 An int8 weight is stored as `NAME.qweight` (int8 [out, in]) + `NAME.scales` (bf16 [out, groups]), so the
-official release converts losslessly at its own size. safetensors reads are memory-mapped per tensor: a
-worker touches only its shard's bytes, the router only the dense file.
+official release converts losslessly at its own size. Tensors are read one by one with positioned reads
+(safetensors_reads.py, no memory map): a worker reads only its shard's bytes, the router only the dense
+file, and `lazy()` reads each tensor when it is looked up so a consumer that converts it keeps only the
+result.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from grokserve.model.checkpoint.errors import CheckpointError
+from grokserve.model.checkpoint.safetensors_reads import SafetensorsError, SafetensorsFile
 from grokserve.model.config import GrokConfig
 from grokserve.model.weights import (
     Param,
@@ -108,6 +110,7 @@ class GrokserveCheckpoint:
         self.shapes = dict(expected_shapes(self.config))
         tokenizer = self.path / "tokenizer.model"
         self.tokenizer_path: Path | None = tokenizer if tokenizer.is_file() else None
+        self._files: dict[Path, SafetensorsFile] = {}  # headers parsed once
 
     def dense_names(self) -> list[str]:
         return [n for n in self.shapes if not is_expert_param(n)]
@@ -117,38 +120,62 @@ class GrokserveCheckpoint:
                 for what in ("w_gate", "w_up", "w_down")]
 
     def load(self, names: Iterable[str], progress: str | None = None) -> dict[str, Param]:
-        """Read exactly these tensors (memory-mapped, file by file); every shape checked."""
-        by_file: dict[str, list[str]] = defaultdict(list)
-        for name in names:
-            if name not in self.index:
-                raise CheckpointError(f"{self.path}: parameter '{name}' is not in index.json")
-            by_file[self.index[name]].append(name)
-        out: dict[str, Param] = {}
-        bar = tqdm(total=sum(map(len, by_file.values())), desc=progress, unit="tensor",
-                   disable=progress is None or None)
-        for file, file_names in by_file.items():
-            out.update(self._read_file(file, file_names))
-            bar.update(len(file_names))
-        bar.close()
+        """Read exactly these tensors; every shape checked."""
+        lazy = self.lazy(names, progress)
+        out = {name: lazy[name] for name in lazy}
+        lazy.close()
         return out
 
-    def _read_file(self, file: str, names: list[str]) -> Iterator[tuple[str, Param]]:
-        full = self.path / file
+    def lazy(self, names: Iterable[str], progress: str | None = None) -> LazyParams:
+        """These tensors, each read (and its shape checked) when looked up and not kept."""
+        wanted = list(dict.fromkeys(names))
+        for name in wanted:
+            if name not in self.index:
+                raise CheckpointError(f"{self.path}: parameter '{name}' is not in index.json")
+        return LazyParams(self, wanted, progress)
+
+    def read(self, name: str) -> Param:
+        """One parameter from its file (an int8 weight with its scales)."""
+        full = self.path / self.index[name]
         if not full.is_file():
-            raise CheckpointError(f"{full}: missing (holds '{names[0]}')")
+            raise CheckpointError(f"{full}: missing (holds '{name}')")
         try:
-            with safe_open(str(full), framework="pt") as f:
-                keys = set(f.keys())
-                for name in names:
-                    if name + _QWEIGHT in keys:
-                        param: Param = QuantizedTensor(f.get_tensor(name + _QWEIGHT), f.get_tensor(name + _SCALES))
-                    elif name in keys:
-                        param = f.get_tensor(name)
-                    else:
-                        raise CheckpointError(f"{full}: parameter '{name}' is missing from the file")
-                    check_shape(name, param, self.shapes[name], str(full))
-                    yield name, param
+            file = self._files.get(full) or self._files.setdefault(full, SafetensorsFile(full))
+            if name + _QWEIGHT in file.entries:
+                param: Param = QuantizedTensor(file.read(name + _QWEIGHT), file.read(name + _SCALES))
+            elif name in file.entries:
+                param = file.read(name)
+            else:
+                raise CheckpointError(f"{full}: parameter '{name}' is missing from the file")
         except CheckpointError:
             raise
-        except Exception as exc:  # safetensors raises its own types for truncated / corrupt headers
+        except (SafetensorsError, KeyError, ValueError, OSError) as exc:  # incl. a qweight without its scales
             raise CheckpointError(f"{full}: unreadable safetensors file ({exc})") from None
+        check_shape(name, param, self.shapes[name], str(full))
+        return param
+
+
+class LazyParams(Mapping[str, Param]):
+    """Parameters of a checkpoint read from disk when looked up (once each, in any order), not kept."""
+
+    def __init__(self, ckpt: GrokserveCheckpoint, names: list[str], progress: str | None):
+        self.ckpt = ckpt
+        self.names = names
+        self._known = set(names)
+        self._bar = tqdm(total=len(names), desc=progress, unit="tensor", disable=progress is None or None)
+
+    def __getitem__(self, name: str) -> Param:
+        if name not in self._known:
+            raise KeyError(name)
+        param = self.ckpt.read(name)
+        self._bar.update(1)
+        return param
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def close(self) -> None:
+        self._bar.close()

@@ -145,6 +145,15 @@ def test_rendered_serve_config_builds_the_application_with_grokserve_code(values
     assert not gpu_limits_ok(rayservice)
 
 
+def test_weight_mode_reaches_the_cluster_spec():
+    def spec_of(values):
+        serve_config = yaml.safe_load(rayservice_of(render(values))["spec"]["serveConfigV2"])
+        return parse_spec(serve_config["applications"][0]["args"])
+
+    assert spec_of("default").model.weights == "dense"
+    assert spec_of("eight-experts-two-nodes-values.yaml").model.weights == "int8"
+
+
 def test_ray_start_params_are_all_quoted_strings():
     for values in VALUE_SETS:
         cluster = rayservice_of(render(values))["spec"]["rayClusterConfig"]
@@ -184,7 +193,7 @@ def test_a_misspelled_core_field_fails_validation():
 @pytest.mark.parametrize("bad", [
     "model.dtype=float16", "router.grpcPort=70000", "router.replicas=0", "model.storage.type=nfs",
     "experts.groups[0].gpus=-1", "monitoring.podMonitor.interval=soon", "router.trasport=stream",
-    "image.tag=", "service.type=Ingress",
+    "image.tag=", "service.type=Ingress", "model.weights=int4",
 ])
 def test_values_schema_rejects_bad_values(bad):
     result = helm("template", "demo", str(CHART), "--set", bad, check=False)

@@ -103,6 +103,12 @@ def test_each_worker_holds_only_its_shard(loaded, spawn_worker, tiny_grokserve_c
     assert [(s.layer, list(s.expert_ids)) for s in info.shard] == [(1, [2, 5])]
     assert info.resident_bytes == 2 * 3 * c.d_model * c.ffn_size * 4  # two f32 experts of one layer, nothing more
     assert info.model_id == wire.model_id(c)
+    int8 = spawn_worker(tiny_grokserve_ckpt, "1", "2,5", extra=("--weights", "int8")).wait_serving()
+    with grpc.insecure_channel(int8.address) as channel:
+        info8 = pb_grpc.ExpertServiceStub(channel).Info(pb.InfoRequest(), timeout=5)
+    scales = 2 * (2 * c.ffn_size + 8 * c.d_model) * 2  # bf16, per output row (gate, up) or 8 per row (down), twice
+    assert (info8.weights, info.weights) == ("int8", "dense")
+    assert info8.resident_bytes == 2 * 3 * c.d_model * c.ffn_size + 2 * scales  # int8 bytes: 1/4 of f32's
 
 
 def test_uncovered_placement_is_rejected_naming_the_gap(loaded):

@@ -36,32 +36,34 @@ def _dev_shm() -> set[str]:
     return set(os.listdir("/dev/shm")) if Path("/dev/shm").is_dir() else set()
 
 
-def _workers(spawn_worker, ckpt, plan, dtype="float32"):
+def _workers(spawn_worker, ckpt, plan, dtype="float32", weights="dense"):
     return {s.name: [spawn_worker(ckpt, "all", ",".join(map(str, s.experts)),
-                                  extra=("--dtype", dtype)).wait_serving() for _ in range(s.replicas)]
+                                  extra=("--dtype", dtype, "--weights", weights)).wait_serving()
+                     for _ in range(s.replicas)]
             for s in plan.shards}
 
 
-def _engine(loaded, plan, procs, dtype: torch.dtype, transport: str, deadline_s: float = 10.0):
+def _engine(loaded, plan, procs, dtype: torch.dtype, transport: str, deadline_s: float = 10.0,
+            weights: str = "dense"):
     loop = LoopThread("test-shm")
     endpoints = {name: [p.address for p in reps] for name, reps in procs.items()}
     settings = DispatchSettings(transport="shm" if transport == "shm" else "grpc", deadline_s=deadline_s)
     dispatcher = Dispatcher(loaded.config, plan, endpoints, dtype, loop, settings)
-    dense = DenseModel(loaded.config, dtype, loaded.params)
+    dense = DenseModel(loaded.config, dtype, loaded.params, weights=weights)
     return ReferenceEngine(GrokModel(dense, dispatcher), loop=loop.loop), dispatcher
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_distributed_equals_local_in_every_dtype(tiny_grokserve_ckpt, spawn_worker, prompts, dtype):
+@pytest.mark.parametrize(("dtype", "weights"), [("bfloat16", "dense"), ("float32", "dense"), ("bfloat16", "int8")])
+def test_distributed_equals_local_in_every_mode(tiny_grokserve_ckpt, spawn_worker, prompts, dtype, weights):
     """A token whose two experts sit on different workers is rounded once (f32 partials), as in one process."""
     loaded = read_checkpoint(tiny_grokserve_ckpt, "grokserve")
     plan = auto_plan(loaded.config, 2)
-    procs = _workers(spawn_worker, tiny_grokserve_ckpt, plan, dtype)
-    local = ReferenceEngine.from_loaded(loaded, dtype)
+    procs = _workers(spawn_worker, tiny_grokserve_ckpt, plan, dtype, weights)
+    local = ReferenceEngine.from_loaded(loaded, dtype, weights=weights)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     expected = [g.token_ids for g in local.generate(prompts, params)]
     for transport in ("shm", "grpc"):
-        engine, dispatcher = _engine(loaded, plan, procs, getattr(torch, dtype), transport)
+        engine, dispatcher = _engine(loaded, plan, procs, getattr(torch, dtype), transport, weights=weights)
         try:
             for p in prompts:
                 if dtype == "bfloat16":  # one rounding of the two-expert sum, as in one process: the same bits

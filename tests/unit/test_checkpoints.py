@@ -201,6 +201,43 @@ def test_safetensors_header_with_absurd_size_is_refused_before_allocation(conver
         read_checkpoint(copy, "grokserve")
 
 
+def test_positioned_reads_give_what_the_safetensors_library_reads(tmp_path):
+    from safetensors.torch import load_file
+
+    from grokserve.model.checkpoint.safetensors_reads import SafetensorsFile
+
+    tensors = {"i8": torch.randint(-128, 128, (33, 7), dtype=torch.int8), "bf16": torch.randn(5, 3).bfloat16(),
+               "f32": torch.randn(2, 2, 2), "empty": torch.zeros(0, 4), "scalar": torch.tensor(3.5)}
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"note": "x"})
+    file, library = SafetensorsFile(tmp_path / "t.safetensors"), load_file(str(tmp_path / "t.safetensors"))
+    assert set(file.entries) == set(library)
+    for name, tensor in library.items():
+        got = file.read(name)
+        assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+
+
+def _with_header(tmp_path, header: dict, data: bytes = b"\0" * 16):
+    raw = json.dumps(header).encode()
+    path = tmp_path / "hostile.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(("entry", "complaint"), [
+    ({"dtype": "I8", "shape": [4, 4], "data_offsets": [0, 1 << 40]}, "bytes stored for shape"),
+    ({"dtype": "I8", "shape": [64], "data_offsets": [0, 64]}, "past the file"),
+    ({"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}, "unsupported dtype"),
+    ({"dtype": "I8", "shape": [-4], "data_offsets": [0, 4]}, "not a list of sizes"),
+    ({"dtype": "I8", "shape": [4], "data_offsets": [8, 4]}, "not \\[begin, end\\]"),
+    ("not an object", "not an object"),
+])
+def test_hostile_safetensors_headers_are_refused_naming_the_tensor(tmp_path, entry, complaint):
+    from grokserve.model.checkpoint.safetensors_reads import SafetensorsError, SafetensorsFile
+
+    with pytest.raises(SafetensorsError, match=complaint):
+        SafetensorsFile(_with_header(tmp_path, {"w": entry}))
+
+
 def test_quantized_tensor_dequantises_contiguous_row_blocks():
     weight = torch.arange(-8, 8, dtype=torch.int8).view(2, 8)  # [out=2, in=8]
     scales = torch.tensor([[1.0, 2.0], [0.5, 4.0]], dtype=torch.bfloat16)  # 2 blocks of 4 input columns

@@ -18,6 +18,7 @@ def test_defaults_serve_the_demo_model_on_two_cpu_workers():
 
 @pytest.mark.parametrize("data,field", [
     ({"model": {"dtype": "float16"}}, "model.dtype"),
+    ({"model": {"weights": "int4"}}, "model.weights"),
     ({"router": {"replicas": 0}}, "router.replicas"),
     ({"router": {"grpc_port": 70000}}, "router.grpc_port"),
     ({"router": {"limits": {"max_queue": -1}}}, "router.limits.max_queue"),

@@ -13,10 +13,28 @@ from grokserve.model.sampling import SamplingParams
 
 # bf16 mode rounds the dequantised weights to bf16 (the reference's dtype flow on GPU); the official
 # vectors were produced on XLA:CPU, which elides that rounding, and on this random model rounding the
-# weights alone moves logits by up to 0.36 (docs/grok1.md §3). These bounds state that tolerance.
+# weights alone moves logits by up to 0.36 (docs/grok1.md §3). These bounds state that tolerance, for
+# bfloat16 and int8 (W8A16) modes alike: |Δlogit| max and mean per sequence, and argmax agreement over all
+# positions of the vectors, where a disagreement is allowed only at a near tie of the reference (its top
+# two logits closer than NEAR_TIE; the random model's logits are flat, and 4 of its 41 positions are).
 BF16_MAX_ABS = 0.5
 BF16_MEAN_ABS = 0.03
 BF16_ARGMAX_AGREEMENT = 0.85
+NEAR_TIE = 0.05
+
+
+def assert_within_bf16_tolerance(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """pairs of (logits [T, V], float32 reference [T, V]), one per sequence."""
+    agree, flips = [], []
+    for k, (got, ref) in enumerate(pairs):
+        diff = np.abs(got - ref)
+        assert diff.max() < BF16_MAX_ABS and diff.mean() < BF16_MEAN_ABS, (k, diff.max(), diff.mean())
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        same = got.argmax(-1) == ref.argmax(-1)
+        agree.extend(same)
+        flips.extend((top2[:, 1] - top2[:, 0])[~same])
+    assert np.mean(agree) >= BF16_ARGMAX_AGREEMENT, np.mean(agree)
+    assert all(margin < NEAR_TIE for margin in flips), flips
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +131,13 @@ def test_pad_id_is_masked_as_a_key(tiny_checkpoint, tiny_engine):
     assert not torch.allclose(a[1], b[1])  # the pad's own query did change: the test can see a difference
 
 
-def test_bfloat16_mode_stays_within_stated_tolerance_of_float32(tiny_checkpoint, logits_npz):
-    engine = ReferenceEngine.from_loaded(tiny_checkpoint, "bfloat16")
+@pytest.mark.parametrize("weights", ["dense", "int8"])
+def test_bfloat16_and_int8_modes_stay_within_stated_tolerance_of_float32(tiny_checkpoint, logits_npz, weights):
+    engine = ReferenceEngine.from_loaded(tiny_checkpoint, "bfloat16", weights=weights)
     assert engine.model.dense.embedding_multiplier == 78.5  # bf16-rounded, as JAX multiplies
     assert engine.model.dense.output_multiplier == 0.578125
-    for k in range(3):
-        ref = logits_npz[f"seq{k}"]
-        got = engine.logits(logits_npz[f"tokens{k}"].tolist()).numpy()
-        diff = np.abs(got - ref)
-        assert diff.max() < BF16_MAX_ABS and diff.mean() < BF16_MEAN_ABS, (k, diff.max(), diff.mean())
-        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= BF16_ARGMAX_AGREEMENT
+    assert_within_bf16_tolerance([(engine.logits(logits_npz[f"tokens{k}"].tolist()).numpy(), logits_npz[f"seq{k}"])
+                                  for k in range(3)])
 
 
 def test_float32_layers_match_an_independent_float64_restatement(tiny_checkpoint, tiny_engine, logits_npz):

@@ -25,6 +25,7 @@ name: {{ include "grokserve.fullname" . }}
 model:
   checkpoint: {{ include "grokserve.checkpointPath" . }}
   dtype: {{ .Values.model.dtype }}
+  weights: {{ .Values.model.weights | default "dense" }}
   device: {{ .Values.model.device }}
 router:
   replicas: {{ .Values.router.replicas }}

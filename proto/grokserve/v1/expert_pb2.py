@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19grokserve/v1/expert.proto\x12\x0cgrokserve.v1\"\xc7\x01\n\x0e\x46orwardRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.grokserve.v1.DType\x12\x10\n\x08num_rows\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x0e\n\x06hidden\x18\x06 \x01(\x0c\x12\x17\n\x0f\x65xperts_per_row\x18\x07 \x01(\r\x12\x12\n\nexpert_ids\x18\x08 \x01(\x0c\x12\r\n\x05gates\x18\t \x01(\x0c\"\xac\x01\n\x0f\x46orwardResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.grokserve.v1.DType\x12\x10\n\x08num_rows\x18\x03 \x01(\r\x12\x0f\n\x07partial\x18\x04 \x01(\x0c\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x12(\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.grokserve.v1.StreamError\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\r\n\x0bInfoRequest\"1\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\"\x8f\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bnum_experts\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.grokserve.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x10\n\x08max_rows\x18\x07 \x01(\r\x12)\n\x05shard\x18\x08 \x03(\x0b\x32\x1a.grokserve.v1.LayerExperts\x12\x16\n\x0eresident_bytes\x18\t \x01(\x04\x12\x0f\n\x07host_id\x18\n \x01(\t\x12\x15\n\rshared_memory\x18\x0b \x01(\x08\"/\n\rAttachRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\r\"m\n\x0e\x41ttachResponse\x12\x0e\n\x06socket\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x15\n\rrequest_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eresponse_bytes\x18\x05 \x01(\x04*E\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x32\xb9\x02\n\rExpertService\x12\x46\n\x07\x46orward\x12\x1c.grokserve.v1.ForwardRequest\x1a\x1d.grokserve.v1.ForwardResponse\x12P\n\rForwardStream\x12\x1c.grokserve.v1.ForwardRequest\x1a\x1d.grokserve.v1.ForwardResponse(\x01\x30\x01\x12=\n\x04Info\x12\x19.grokserve.v1.InfoRequest\x1a\x1a.grokserve.v1.InfoResponse\x12O\n\x12\x41ttachSharedMemory\x12\x1b.grokserve.v1.AttachRequest\x1a\x1c.grokserve.v1.AttachResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19grokserve/v1/expert.proto\x12\x0cgrokserve.v1\"\xc7\x01\n\x0e\x46orwardRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.grokserve.v1.DType\x12\x10\n\x08num_rows\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x0e\n\x06hidden\x18\x06 \x01(\x0c\x12\x17\n\x0f\x65xperts_per_row\x18\x07 \x01(\r\x12\x12\n\nexpert_ids\x18\x08 \x01(\x0c\x12\r\n\x05gates\x18\t \x01(\x0c\"\xac\x01\n\x0f\x46orwardResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.grokserve.v1.DType\x12\x10\n\x08num_rows\x18\x03 \x01(\r\x12\x0f\n\x07partial\x18\x04 \x01(\x0c\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x12(\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.grokserve.v1.StreamError\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\r\n\x0bInfoRequest\"1\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\"\xa0\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bnum_experts\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.grokserve.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x10\n\x08max_rows\x18\x07 \x01(\r\x12)\n\x05shard\x18\x08 \x03(\x0b\x32\x1a.grokserve.v1.LayerExperts\x12\x16\n\x0eresident_bytes\x18\t \x01(\x04\x12\x0f\n\x07host_id\x18\n \x01(\t\x12\x15\n\rshared_memory\x18\x0b \x01(\x08\x12\x0f\n\x07weights\x18\x0c \x01(\t\"/\n\rAttachRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\r\"m\n\x0e\x41ttachResponse\x12\x0e\n\x06socket\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x15\n\rrequest_bytes\x18\x04 \x01(\x04\x12\x16\n\x0eresponse_bytes\x18\x05 \x01(\x04*E\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x32\xb9\x02\n\rExpertService\x12\x46\n\x07\x46orward\x12\x1c.grokserve.v1.ForwardRequest\x1a\x1d.grokserve.v1.ForwardResponse\x12P\n\rForwardStream\x12\x1c.grokserve.v1.ForwardRequest\x1a\x1d.grokserve.v1.ForwardResponse(\x01\x30\x01\x12=\n\x04Info\x12\x19.grokserve.v1.InfoRequest\x1a\x1a.grokserve.v1.InfoResponse\x12O\n\x12\x41ttachSharedMemory\x12\x1b.grokserve.v1.AttachRequest\x1a\x1c.grokserve.v1.AttachResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'grokserve.v1.expert_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=966
-  _globals['_DTYPE']._serialized_end=1035
+  _globals['_DTYPE']._serialized_start=983
+  _globals['_DTYPE']._serialized_end=1052
   _globals['_FORWARDREQUEST']._serialized_start=44
   _globals['_FORWARDREQUEST']._serialized_end=243
   _globals['_FORWARDRESPONSE']._serialized_start=246
@@ -44,11 +44,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYEREXPERTS']._serialized_start=481
   _globals['_LAYEREXPERTS']._serialized_end=530
   _globals['_INFORESPONSE']._serialized_start=533
-  _globals['_INFORESPONSE']._serialized_end=804
-  _globals['_ATTACHREQUEST']._serialized_start=806
-  _globals['_ATTACHREQUEST']._serialized_end=853
-  _globals['_ATTACHRESPONSE']._serialized_start=855
-  _globals['_ATTACHRESPONSE']._serialized_end=964
-  _globals['_EXPERTSERVICE']._serialized_start=1038
-  _globals['_EXPERTSERVICE']._serialized_end=1351
+  _globals['_INFORESPONSE']._serialized_end=821
+  _globals['_ATTACHREQUEST']._serialized_start=823
+  _globals['_ATTACHREQUEST']._serialized_end=870
+  _globals['_ATTACHRESPONSE']._serialized_start=872
+  _globals['_ATTACHRESPONSE']._serialized_end=981
+  _globals['_EXPERTSERVICE']._serialized_start=1055
+  _globals['_EXPERTSERVICE']._serialized_end=1368
 # @@protoc_insertion_point(module_scope)

@@ -75,7 +75,7 @@ class LayerExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "num_layers", "num_experts", "hidden_size", "dtype", "device", "max_rows", "shard", "resident_bytes", "host_id", "shared_memory")
+    __slots__ = ("model_id", "num_layers", "num_experts", "hidden_size", "dtype", "device", "max_rows", "shard", "resident_bytes", "host_id", "shared_memory", "weights")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class InfoResponse(_message.Message):
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     num_layers: int
     num_experts: int
@@ -98,7 +99,8 @@ class InfoResponse(_message.Message):
     resident_bytes: int
     host_id: str
     shared_memory: bool
-    def __init__(self, model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., max_rows: _Optional[int] = ..., shard: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    weights: str
+    def __init__(self, model_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., max_rows: _Optional[int] = ..., shard: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., shared_memory: _Optional[bool] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("host_id", "slots")
