@@ -72,7 +72,7 @@ def one_round(outage: float) -> dict:
         b, b_addr = worker("4-7")
         procs += [a, b]
         router, r_addr = start_process([*CLI, "router", "--checkpoint", str(DEMO_CHECKPOINT), "--port", "0",
-                                        "--workers", f"{a_addr},{b_addr}", "--threads", "1"])
+                                        "--http-port", "-1", "--workers", f"{a_addr},{b_addr}", "--threads", "1"])
         procs.append(router)
         load = Load(r_addr)
         time.sleep(1.0)

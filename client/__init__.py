@@ -23,14 +23,21 @@ _OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_messa
 def build_request(prompt: str | list[int], *, max_tokens: int | None = None, temperature: float | None = None,
                   top_p: float | None = None, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
                   stop_token_ids: list[int] | None = None, logprobs: int = 0, ignore_eos: bool = False,
-                  request_id: str = "") -> gen_pb.GenerateRequest:
+                  request_id: str = "", n: int = 1, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                  repetition_penalty: float | None = None, min_p: float = 0.0,
+                  logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
+                  prompt_logprobs: int | None = None) -> gen_pb.GenerateRequest:
+    """A GenerateRequest (generation.proto documents every field and its default)."""
     req = gen_pb.GenerateRequest(request_id=request_id, top_k=top_k, stop=stop or [],
-                                 stop_token_ids=stop_token_ids or [], logprobs=logprobs, ignore_eos=ignore_eos)
+                                 stop_token_ids=stop_token_ids or [], logprobs=logprobs, ignore_eos=ignore_eos,
+                                 n=n, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                 min_p=min_p, logit_bias=logit_bias or {}, min_tokens=min_tokens)
     if isinstance(prompt, str):
         req.prompt = prompt
     else:
         req.prompt_token_ids.extend(prompt)
-    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("seed", seed)):
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("seed", seed),
+                        ("repetition_penalty", repetition_penalty), ("prompt_logprobs", prompt_logprobs)):
         if value is not None:
             setattr(req, name, value)
     return req

@@ -109,6 +109,7 @@ class RouterReplica:
     def __init__(self, spec_json: str, *expert_deployments):
         from grokserve.router.assembly import build_router
         from grokserve.router.auth import load_tokens
+        from grokserve.router.http_api import HttpApi, chat_template_from, start_http_server
         from grokserve.router.service import GenerationService, start_router_server
 
         spec = ClusterSpec.model_validate_json(spec_json)
@@ -132,6 +133,14 @@ class RouterReplica:
         tokens = load_tokens(spec.security.tokens_file) if spec.security.tokens_file else None
         self.server, self.port = self.io.run(start_router_server(
             service, spec.router.host, spec.router.grpc_port, spec.security.client_tls_files(), tokens))
+        self.http = None
+        self.http_port = None
+        if spec.router.http_port is not None:
+            api = HttpApi(service, tokens, chat_template_from(spec.router.chat_template, spec.router.chat_stop),
+                          spec.router.served_model_name)
+            server, self.http_port, task = self.io.run(start_http_server(
+                api, spec.router.host, spec.router.http_port, spec.security.client_tls_files()))
+            self.http = (server, task)
         self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="registry-watch").start()
 
@@ -162,7 +171,7 @@ class RouterReplica:
     def stats(self) -> dict:
         dispatcher = self.router.dispatcher
         assert dispatcher is not None  # a router of the cluster always dispatches to expert deployments
-        return {"port": self.port, "metrics_port": self.metrics_port,
+        return {"port": self.port, "http_port": self.http_port, "metrics_port": self.metrics_port,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "load": self.router.engine.load(), "endpoints": dispatcher.endpoints(),
                 "replicas": dispatcher.replica_states(), "dispatch": vars(dispatcher.stats).copy(),
@@ -171,6 +180,10 @@ class RouterReplica:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self._stop.set()
+            if self.http is not None:
+                from grokserve.router.http_api import stop_http_server
+
+                self.io.run(stop_http_server(*self.http), timeout=20)
             self.io.run(self.server.stop(grace=5), timeout=10)
             self.router.shutdown()
 

@@ -155,6 +155,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     stats = session.deploy(spec, args.timeout, progress)
     bar.close()
     print(f"grokserve is up: gRPC Generation service at {spec.router.host}:{stats['port']}")
+    if stats.get("http_port") is not None:
+        scheme = "https" if spec.security.client_tls else "http"
+        print(f"  OpenAI-compatible HTTP API at {scheme}://{spec.router.host}:{stats['http_port']}/v1")
     print(f"  try: grokserve generate --address {spec.router.host}:{stats['port']} \"The\"")
     return 0
 
@@ -184,8 +187,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     router = report["router"] or {}
     if "load" in router:
         load = router["load"]
-        print(f"router: port {router['port']}  running {load['running']}  waiting {load['waiting']}  "
-              f"kv {load['kv_usage']:.0%}  steps {router['steps']}")
+        http = f"  http {router['http_port']}" if router.get("http_port") else ""
+        print(f"router: port {router['port']}{http}  running {load['running']}  waiting {load['waiting']}  "
+              f"kv {load['kv_usage']:.0%}  prefix-cache hits {load.get('prefix_cache_hit_rate', 0):.0%}  "
+              f"steps {router['steps']}")
         print("dispatch (as the router sees each replica):")
         for shard, replicas in sorted(router.get("replicas", {}).items()):
             for r in replicas:
@@ -234,7 +239,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     session.loopback_env()
     spec = load_spec(args.spec)
-    spec = spec.model_copy(update={"router": spec.router.model_copy(update={"grpc_port": args.port})})
+    router = spec.router.model_copy(update={"grpc_port": args.port, "http_port": None})  # the demo asks over gRPC
+    spec = spec.model_copy(update={"router": router})
     started = time.monotonic()
     ray.init(namespace="grokserve", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              num_cpus=args.num_cpus or session.local_cpus(spec))
@@ -342,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="serve the client API over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="the certificate's private key (PEM)")
     p.add_argument("--tokens-file", help="require `authorization: Bearer <token>`, tokens one per line")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API port (0 = any free port, -1 = off)")
+    p.add_argument("--chat-template", help="Jinja chat template for /v1/chat/completions (default: a plain "
+                                           "'Human: … / Assistant:' transcript, docs/operations.md)")
+    p.add_argument("--chat-stop", action="append", default=None,
+                   help="a stop string every chat request gets (repeatable; default: the default template's)")
+    p.add_argument("--served-model-name", help="the model name of the HTTP API (default: the checkpoint's name)")
     _dispatch_tls_args(p, "the router's client certificate for dispatch mTLS")
     p.set_defaults(handler=cmd_router)
 

@@ -70,6 +70,14 @@ class RouterSpec(_Strict):
                                      description="first /metrics port of router replicas on a node (null = off)")
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
     limits: EngineLimits = Field(default_factory=EngineLimits)
+    http_port: int | None = Field(default=8000, ge=0, le=65535,
+                                  description="OpenAI-compatible HTTP API port of every router replica (null = off)")
+    chat_template: str | None = Field(default=None, description="Jinja chat template file for /v1/chat/completions "
+                                                                "(null = the built-in transcript template)")
+    chat_stop: list[str] | None = Field(default=None, max_length=8,
+                                        description="stop strings of every chat request (null = the template's)")
+    served_model_name: str | None = Field(default=None, max_length=256,
+                                          description="model name of the HTTP API (null = the checkpoint's)")
 
 
 class ShardSpec(_Strict):

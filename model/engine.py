@@ -132,8 +132,8 @@ class ReferenceEngine:
             still = []
             for i, r in enumerate(active):
                 sp = per_row[r]
-                token = sample(logits[i], sp, generators[r])
                 res = results[r]
+                token = sample(logits[i], sp, generators[r], (prompt_ids[r], res.token_ids), self.config.eos_id)
                 res.token_ids.append(token.token_id)
                 res.tokens.append(token)
                 texts[r] += streams[r].push(token.token_id)

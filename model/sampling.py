@@ -1,7 +1,17 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p, per-request seed, top-n logprobs.
+"""Next-token sampling: logit processing (logit bias, repetition / frequency / presence penalties, min_tokens),
+then greedy or a draw at a temperature after min-p, top-k and top-p; per-request seed; top-n logprobs.
 
-Used by the reference engine and by the router's scheduler, one sequence (one logits row) at a time, so a
-request's draws depend only on its own seed and logits, never on what else is in the batch.
+Used by the reference engine and by the router's engine. Processing is vectorised over the batch (one
+scatter per kind over all rows); draws are made one row at a time from each request's own generator, so a
+request's draws depend only on its own seed, tokens and logits, never on what else is in the batch.
+
+The order, per row (the same as vLLM's): logit_bias is added; the repetition penalty divides positive and
+multiplies negative logits of every token seen in the prompt or the output; the frequency penalty subtracts
+`frequency_penalty × count` and the presence penalty `presence_penalty` for every token the output holds;
+while fewer than `min_tokens` tokens were generated, the end-of-sequence token (unless `ignore_eos`) and the
+stop token ids are impossible. Greedy takes the processed argmax; a draw divides by the temperature, keeps
+tokens whose probability is ≥ min_p × the most likely one's, then top-k, then top-p. Reported logprobs are of
+the model's own distribution (before processing, at temperature 1).
 """
 
 from __future__ import annotations
@@ -15,6 +25,9 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_STRING_CHARS = 128
 MAX_STOP_TOKEN_IDS = 32
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries per request (OpenAI's bound)
+MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
+MAX_REPETITION_PENALTY = 10.0
 # Temperatures below this sample greedily: dividing logits by a tiny or subnormal temperature overflows
 # float32 to inf and the softmax to NaN, and the distribution is a point mass long before that anyway.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -39,10 +52,26 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int = 0  # top-n logprobs to report per generated token
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 → off
+    min_p: float = 0.0  # 0 → off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_tokens: int = 0
+    prompt_logprobs: int | None = None  # report each prompt token's logprob and this many alternatives
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def penalised(self) -> bool:
+        """Needs the sequence's tokens (repetition, frequency or presence penalty)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def processes_logits(self) -> bool:
+        return self.penalised or bool(self.logit_bias) or self.min_tokens > 0
 
     def validate(self, vocab_size: int) -> None:
         """The one check of every sampling field: raise ParameterError naming the first invalid one."""
@@ -65,6 +94,26 @@ class SamplingParams:
         for token in self.stop_token_ids:
             if not 0 <= token < vocab_size:
                 raise ParameterError("stop_token_ids", f"{token} is outside the vocabulary [0, {vocab_size})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise ParameterError(name, f"must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}")
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise ParameterError("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY}], "
+                                                       f"got {self.repetition_penalty}")
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            raise ParameterError("min_p", f"must be in [0, 1], got {self.min_p}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ParameterError("logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            if not 0 <= token < vocab_size:
+                raise ParameterError("logit_bias", f"token {token} is outside the vocabulary [0, {vocab_size})")
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise ParameterError("logit_bias", f"bias of token {token} must be in [-100, 100], got {bias}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ParameterError("min_tokens", f"must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ParameterError("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
 
 
 @dataclass
@@ -80,15 +129,59 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> SampledToken:
+History = tuple[list[int], list[int]]  # a sequence's (prompt ids, output ids so far)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+           history: History = ([], []), eos_id: int | None = None) -> SampledToken:
     """logits f32 [V] → one token (see `sample_batch`)."""
-    return sample_batch(logits[None], [params], [generator])[0]
+    return sample_batch(logits[None], [params], [generator], [history], eos_id)[0]
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
-                 ) -> list[SampledToken]:
-    """logits f32 [S, V], one row per sequence → one token each. Logprobs are of the unfiltered distribution at
-    temperature 1.
+def process_logits(logits: torch.Tensor, params: list[SamplingParams], histories: list[History] | None,
+                   eos_id: int | None = None) -> torch.Tensor:
+    """logits f32 [S, V] → the processed logits [S, V] (module docstring; `logits` itself when no row asks).
+    One index_put per kind over all rows that ask for it: no loop over the vocabulary."""
+    rows = [r for r, p in enumerate(params) if p.processes_logits]
+    if not rows:
+        return logits
+    if histories is None:
+        histories = [([], [])] * len(params)
+    out = logits.clone()
+    vocab = out.shape[1]
+
+    def scatter(target: torch.Tensor, pairs: list[tuple[int, int]], values: torch.Tensor | float,
+                accumulate: bool) -> None:
+        if pairs:
+            index = torch.tensor(pairs, dtype=torch.int64).T
+            value = values if isinstance(values, torch.Tensor) else torch.full((len(pairs),), values,
+                                                                              dtype=target.dtype)
+            target.index_put_((index[0], index[1]), value, accumulate=accumulate)
+
+    bias = [(r, t, b) for r in rows for t, b in params[r].logit_bias]
+    scatter(out, [(r, t) for r, t, _ in bias], torch.tensor([b for *_, b in bias], dtype=out.dtype), True)
+    penalised = [r for r in rows if params[r].penalised]
+    if penalised:
+        sub = out[penalised]  # [P, V]
+        counts = torch.zeros_like(sub)  # [P, V] occurrences in the output
+        scatter(counts, [(i, t) for i, r in enumerate(penalised) for t in histories[r][1]], 1.0, True)
+        seen = counts > 0
+        scatter(seen, [(i, t) for i, r in enumerate(penalised) for t in histories[r][0]], True, False)
+        column = lambda name: torch.tensor([getattr(params[r], name) for r in penalised], dtype=out.dtype)[:, None]  # noqa: E731
+        repetition = column("repetition_penalty")
+        sub = torch.where(seen, torch.where(sub > 0, sub / repetition, sub * repetition), sub)
+        sub = sub - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0)
+        out[penalised] = sub
+    banned = [(r, t) for r in rows if len(histories[r][1]) < params[r].min_tokens
+              for t in (*params[r].stop_token_ids, *(() if params[r].ignore_eos or eos_id is None else (eos_id,)))]
+    scatter(out, [(r, t) for r, t in banned if 0 <= t < vocab], -math.inf, False)
+    return out
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+                 histories: list[History] | None = None, eos_id: int | None = None) -> list[SampledToken]:
+    """logits f32 [S, V], one row per sequence → one token each. `histories` (needed by penalties and
+    min_tokens): each row's tokens so far. Logprobs are of the model's distribution at temperature 1.
 
     Vectorised over the rows: one log-softmax, one argmax (greedy rows) and one top-n over [S, V]; only rows
     that sample draw alone, each from its own generator, so a sequence's draws depend on its seed and its
@@ -97,10 +190,11 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     """
     logits = logits if logits.dtype == torch.float32 else logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)  # [S, V]
-    tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep these
+    processed = process_logits(logits, params, histories, eos_id)  # [S, V]
+    tokens = processed.argmax(dim=-1).tolist()  # greedy rows keep these
     for row, p in enumerate(params):
         if not p.greedy:
-            tokens[row] = _draw(logits[row], p, generators[row])
+            tokens[row] = _draw(processed[row], p, generators[row])
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
     most = max(p.logprobs for p in params)
     top_ids: list[list[int]] = []
@@ -117,6 +211,8 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
 def _draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One draw from logits [V] at the params' temperature, after top-k and top-p."""
     scaled = logits / params.temperature
+    if params.min_p > 0:  # p ≥ min_p · p_max  ⇔  logit ≥ max logit + log(min_p)
+        scaled = scaled.masked_fill(scaled < scaled.max() + math.log(params.min_p), -math.inf)
     if params.top_k > 0 and params.top_k < scaled.numel():
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, -math.inf)

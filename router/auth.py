@@ -1,4 +1,4 @@
-"""Bearer-token authentication of the client API: a grpc.aio server interceptor.
+"""Bearer-token authentication of the client APIs: a grpc.aio server interceptor, and `token_matches` for HTTP.
 
 Tokens come from a file (one per line; a mounted Kubernetes Secret in the chart) and are compared in
 constant time. Health and reflection stay open so probes work; anything else without a valid
@@ -27,20 +27,25 @@ def load_tokens(path: str | Path) -> tuple[bytes, ...]:
     return tokens
 
 
+def token_matches(header: str | bytes, tokens: tuple[bytes, ...]) -> bool:
+    """An `authorization` header value carries one of `tokens` as `Bearer <token>` (both APIs use this)."""
+    if isinstance(header, bytes):
+        header = header.decode(errors="replace")
+    if not header.startswith("Bearer "):
+        return False
+    offered = header[len("Bearer "):].strip().encode()
+    # compare against every token, always, so timing reveals neither which nor whether one matched
+    matches = [hmac.compare_digest(offered, token) for token in tokens]
+    return any(matches)
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: tuple[bytes, ...]):
         self.tokens = tokens
 
     def _authorized(self, metadata) -> bool:
         header = next((v for k, v in metadata or () if k == "authorization"), "")
-        if isinstance(header, bytes):
-            header = header.decode(errors="replace")
-        if not header.startswith("Bearer "):
-            return False
-        offered = header[len("Bearer "):].strip().encode()
-        # compare against every token, always, so timing reveals neither which nor whether one matched
-        matches = [hmac.compare_digest(offered, token) for token in self.tokens]
-        return any(matches)
+        return token_matches(header, self.tokens)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)

@@ -27,9 +27,11 @@ from grokserve.router.errors import RequestTimedOut, RouterShuttingDown, Sequenc
 from grokserve.router.kv_blocks import BlockAllocator, PagedKVCache, kv_bytes_per_token
 from grokserve.router.metrics import RouterMetrics
 from grokserve.router.model_runner import ModelRunner, StepResult
+from grokserve.router.prefix_cache import PrefixCacheStats, root_digest
 from grokserve.router.scheduler import Scheduler, SchedulerOutput
 from grokserve.router.sequence import Sequence, StepOutput
 from grokserve.router.settings import EngineLimits
+from grokserve.transport import wire
 from grokserve.transport.errors import DispatchError, PlacementMismatch, ShardUnavailable
 from grokserve.transport.loop_thread import LoopThread
 
@@ -65,8 +67,11 @@ class RouterEngine:
         self.allocator = BlockAllocator(num_blocks, limits.block_size)
         self.cache = PagedKVCache(self.config, num_blocks, limits.block_size, dtype, model.dense.device)
         self.runner = ModelRunner(model, self.cache)
+        prefix_root = root_digest(wire.model_id(self.config), str(dtype)) if limits.prefix_cache else None
         self.scheduler = Scheduler(self.allocator, limits.max_queue, limits.max_running, limits.max_step_tokens,
-                                   on_free=self.cache.clear_blocks)
+                                   on_allocate=self.cache.clear_blocks, prefix_root=prefix_root,
+                                   share_in_step=not limits.micro_batch_overlap)
+        self._prefix_seen = PrefixCacheStats()
         self._owns_loop = loop is None
         self.loop: LoopThread = loop if loop is not None else LoopThread("router-engine")
         self._lock = threading.Lock()  # guards the scheduler between the service thread and the loop
@@ -103,11 +108,11 @@ class RouterEngine:
         exc = self._loop_task.exception()
         return f"{type(exc).__name__}: {exc}" if exc else "stopped"
 
-    def submit(self, seq: Sequence) -> None:
-        """Queue a sequence; raises QueueFull at the bound."""
+    def submit(self, *seqs: Sequence) -> None:
+        """Queue a request's sequences (all or none); raises QueueFull at the bound."""
         with self._lock:
-            self.scheduler.add(seq)
-        self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+            self.scheduler.add(*seqs)
+        self.metrics.prompt_tokens.inc(sum(len(seq.prompt_ids) for seq in seqs))
         self._notify()
 
     def cancel(self, seq: Sequence) -> None:
@@ -130,7 +135,11 @@ class RouterEngine:
         with self._lock:
             return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                     "kv_usage": self.allocator.usage(), "free_blocks": self.allocator.free,
-                    "total_blocks": self.allocator.num_blocks - 1}
+                    "total_blocks": self.allocator.num_blocks - 1,
+                    "referenced_blocks": self.allocator.referenced,
+                    "cached_blocks": self.allocator.cached_unreferenced,
+                    "prefix_cache_hit_rate": (self.scheduler.prefix_stats.hits
+                                              / max(1, self.scheduler.prefix_stats.queries))}
 
     def shutdown(self) -> None:
         """Finish the loop: requests still running or waiting end with UNAVAILABLE."""
@@ -263,11 +272,15 @@ class RouterEngine:
     def _finish_step(self, scheduled: SchedulerOutput, result: StepResult, started: tuple[float, float]) -> None:
         self.steps += 1
         self.metrics.expert_choices.end_step()
-        for chunk in scheduled.chunks:
-            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+        with self._lock:
+            for chunk in scheduled.chunks:
+                chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+                self.scheduler.register_computed(chunk.seq)
+        for chunk, logits in result.prompt_logits:
+            self._record_prompt_logprobs(chunk.seq, chunk.start, logits)
         with self._lock:
             live = [(i, c.seq) for i, c in enumerate(result.sampling_chunks) if not (c.seq.finished or c.seq.cancelled)]
-            tokens = self._sample([seq for _, seq in live], result.logits[[i for i, _ in live]])
+            tokens = self._sample([seq for _, seq in live], result.logits[[i for i, _ in live]], self.config.eos_id)
             for (_, seq), token in zip(live, tokens, strict=True):
                 try:
                     if isinstance(token, Exception):
@@ -283,29 +296,55 @@ class RouterEngine:
         self.metrics.step_tokens.observe(record.tokens)
         self.metrics.step_seconds.observe(record.seconds)
 
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Logits [n, V] of prompt positions start.. → the logprob of each next prompt token, with the top
+        alternatives; positions already recorded (a recomputation after preemption) are skipped."""
+        prompt = seq.prompt_ids
+        first = len(seq.prompt_logprobs) - start  # first row not yet recorded
+        count = min(logits.shape[0], len(prompt) - 1 - start) - first
+        if first < 0 or count <= 0:
+            return
+        logprobs = torch.log_softmax(logits[first:first + count].float(), dim=-1)  # [c, V]
+        targets = torch.tensor(prompt[start + first + 1:start + first + 1 + count])
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        top = seq.params.prompt_logprobs or 0
+        values, ids = torch.topk(logprobs, top, dim=-1) if top else (None, None)
+        for j in range(count):
+            alternatives = list(zip(ids[j].tolist(), values[j].tolist(), strict=True)) if top else []  # type: ignore[index]
+            seq.prompt_logprobs.append(SampledToken(int(targets[j]), chosen[j], alternatives))
+
     def _update_gauges(self) -> None:
         """Batch and KV gauges, after a step's sequences have advanced or finished. Caller holds the lock."""
         m = self.metrics
         m.running.set(len(self.scheduler.running))
         m.waiting.set(len(self.scheduler.waiting))
         m.kv_usage.set(self.allocator.usage())
+        m.prefix_cache_blocks.set(self.allocator.cached_unreferenced)
+        stats, seen = self.scheduler.prefix_stats, self._prefix_seen
+        if stats.queries > seen.queries:
+            m.prefix_cache_queries.inc(stats.queries - seen.queries)
+            m.prefix_cache_hits.inc(stats.hits - seen.hits)
+            seen.queries, seen.hits = stats.queries, stats.hits
         if self.scheduler.preemptions > self._preemptions_seen:
             m.preemptions.inc(self.scheduler.preemptions - self._preemptions_seen)
             self._preemptions_seen = self.scheduler.preemptions
 
     @staticmethod
-    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[SampledToken | Exception]:
+    def _sample(seqs: list[Sequence], logits: torch.Tensor, eos_id: int) -> list[SampledToken | Exception]:
         """One token per sequence from logits [S, V], vectorised; if the batch fails, each row alone, so that
         a failure stays with the sequence it belongs to."""
         if not seqs:
             return []
         try:
-            return list(sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs]))
+            return list(sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                                     [(s.prompt_ids, s.output_ids) for s in seqs], eos_id))
         except Exception:
             out: list[SampledToken | Exception] = []
             for row, seq in enumerate(seqs):
                 try:
-                    out.append(sample_batch(logits[row:row + 1], [seq.params], [seq.generator])[0])
+                    out.append(sample_batch(logits[row:row + 1], [seq.params], [seq.generator],
+                                            [(seq.prompt_ids, seq.output_ids)], eos_id)[0])
                 except Exception as exc:
                     out.append(exc)
             return out
@@ -325,6 +364,8 @@ class RouterEngine:
         reason = finish_reason(token.token_id, seq.params, seq.text_stream.stopped, len(seq.output_ids),
                                seq.num_tokens, self.config.eos_id, self.config.max_seq_len)
         output = StepOutput(token_ids=[token.token_id], text=text, tokens=[token])
+        if len(seq.output_ids) == 1 and seq.params.prompt_logprobs is not None:
+            output.prompt_logprobs = seq.prompt_logprobs
         if reason is None:
             self._emit(seq, output)
             return

@@ -1,17 +1,32 @@
 """Block-based KV memory for the router: a fixed pool of fixed-size blocks and per-sequence block tables.
 
-`BlockAllocator` hands out block ids under a fixed memory budget; `PagedKVCache` stores K/V in those
-blocks and, per engine step, gathers each sequence's blocks (its block table, from the model runner) into
-the padded view attention reads. Block 0 is a permanently empty "null" block that pads block tables and
-absorbs the writes of padding slots.
+`BlockAllocator` hands out block ids under a fixed memory budget, counts references, and keeps blocks that
+hold a full, registered prefix (router/prefix_cache.py) after their last reference goes: such blocks are
+reused by requests with the same prefix and evicted least recently used first, only when an allocation
+needs them. `PagedKVCache` stores K/V in those blocks and, per engine step, gathers each sequence's blocks
+(its block table, from the model runner) into the padded view attention reads. Block 0 is a permanently
+empty "null" block that pads block tables and absorbs the writes of padding slots.
 """
 
 from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
 
 import torch
 
 from grokserve.model.config import GrokConfig
 from grokserve.model.kv_cache import StepKV, hidden_keys
+
+
+@dataclass(frozen=True)
+class BlockKey:
+    """What a full block holds: its token ids after the prefix `parent` (the previous block's digest), and the
+    digest of both. Lookups compare the whole key, never the digest alone."""
+
+    digest: bytes
+    parent: bytes
+    tokens: tuple[int, ...]
 
 
 class BlockAllocator:
@@ -20,11 +35,25 @@ class BlockAllocator:
             raise ValueError("the KV cache needs at least 2 blocks (block 0 is reserved)")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, 0, -1))  # block 0 is the null block
+        self._free = list(range(num_blocks - 1, 0, -1))  # unregistered blocks; block 0 is the null block
+        self._refs = [0] * num_blocks
+        # registered blocks nobody references, least recently released first: evicted in this order
+        self._cached: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._key_of: dict[int, BlockKey] = {}
+        self._block_of: dict[bytes, int] = {}
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: never used, or cached and unreferenced (evictable)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def cached_unreferenced(self) -> int:
+        return len(self._cached)
+
+    @property
+    def referenced(self) -> int:
+        return sum(1 for r in self._refs if r > 0)
 
     @property
     def capacity_tokens(self) -> int:
@@ -34,16 +63,65 @@ class BlockAllocator:
         return -(-tokens // self.block_size)
 
     def allocate(self, count: int) -> list[int] | None:
-        """`count` blocks, or None (and nothing taken) when fewer are free."""
-        if count > len(self._free):
+        """`count` blocks (one reference each), or None (and nothing taken) when fewer are free. Unused blocks go
+        first, then cached ones, least recently used first (their prefix is forgotten)."""
+        if count > self.free:
             return None
-        return [self._free.pop() for _ in range(count)]
+        got = []
+        for _ in range(count):
+            if self._free:
+                block = self._free.pop()
+            else:
+                block, _ = self._cached.popitem(last=False)
+                del self._block_of[self._key_of.pop(block).digest]
+            self._refs[block] = 1
+            got.append(block)
+        return got
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one reference to each block. A block's last reference: back to the free list, or, when it holds a
+        registered prefix, to the evictable cache (a sequence's last blocks are evicted before its first)."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block] > 0:
+                continue
+            if block in self._key_of:
+                self._cached[block] = None
+                self._cached.move_to_end(block)
+            else:
+                self._free.append(block)
+
+    def lookup(self, key: BlockKey) -> int | None:
+        """The block holding exactly `key` (digest, parent and tokens all equal), or None."""
+        block = self._block_of.get(key.digest)
+        if block is None or self._key_of[block] != key:  # a digest collision is a miss, never a wrong block
+            return None
+        return block
+
+    def share(self, block: int) -> None:
+        """One more reference to a registered block (taken out of the evictable cache)."""
+        self._refs[block] += 1
+        self._cached.pop(block, None)
+
+    def register(self, block: int, key: BlockKey) -> None:
+        """`block` (referenced, full, computed) holds `key`. When another block holds it already, this one stays
+        unregistered (it is freed as usual)."""
+        if key.digest in self._block_of or block in self._key_of:
+            return
+        self._key_of[block] = key
+        self._block_of[key.digest] = block
+
+    def clear_cache(self) -> None:
+        """Forget every registered prefix (unreferenced cached blocks become free)."""
+        for block in list(self._cached):
+            self._free.append(block)
+        self._cached.clear()
+        self._key_of.clear()
+        self._block_of.clear()
 
     def usage(self) -> float:
-        return 1.0 - len(self._free) / (self.num_blocks - 1)
+        """Fraction of blocks referenced by sequences (cached, unreferenced blocks count as free)."""
+        return 1.0 - self.free / (self.num_blocks - 1)
 
 
 def kv_bytes_per_token(config: GrokConfig, dtype: torch.dtype) -> int:

@@ -13,6 +13,7 @@ import torch
 from grokserve.model.checkpoint.grokserve_format import GrokserveCheckpoint
 from grokserve.router.assembly import build_router, discover_plan
 from grokserve.router.auth import load_tokens
+from grokserve.router.http_api import HttpApi, chat_template_from, start_http_server, stop_http_server
 from grokserve.router.service import GenerationService, start_router_server
 from grokserve.router.settings import DispatchSettings, EngineLimits
 from grokserve.transport.lifecycle import announce_serving
@@ -49,6 +50,13 @@ async def run_router(args: argparse.Namespace) -> None:
     service = GenerationService(router.engine, router.tokenizer, router.model_id, shards)
     # the client API runs on the engine's loop (router/engine.py): no thread hop between them
     server, port = router.loop.run(start_router_server(service, args.host, args.port, client_tls, tokens))
+    http = None
+    if args.http_port is not None and args.http_port >= 0:
+        api = HttpApi(service, tokens, chat_template_from(args.chat_template, args.chat_stop), args.served_model_name)
+        http_server, http_port, http_task = router.loop.run(start_http_server(api, args.host, args.http_port,
+                                                                              client_tls))
+        http = (http_server, http_task)
+        metrics += f", OpenAI HTTP API http{'s' if client_tls else ''}://{args.host}:{http_port}/v1"
     placement = f"{len(shards)} expert shards" if shards else "experts in process"
     announce_serving("router", f"{args.host}:{port}", f"({router.model_id}, {placement}{metrics})")
     stop = asyncio.Event()
@@ -56,6 +64,8 @@ async def run_router(args: argparse.Namespace) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("router on %s:%d draining", args.host, port)
+    if http is not None:
+        router.loop.run(stop_http_server(*http), timeout=30)
     router.loop.run(_drain(server), timeout=30)
     router.shutdown()
     log.info("router on %s:%d stopped", args.host, port)

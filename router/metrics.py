@@ -73,10 +73,11 @@ class RouterMetrics:
     def __init__(self, config: GrokConfig, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("grokserve_requests", "Finished requests by finish reason.", ["finish_reason"],
-                                registry=r)
-        self.request_status = Counter("grokserve_request_status", "Requests by final gRPC status code.", ["code"],
-                                      registry=r)
+        self.requests = Counter("grokserve_requests", "Finished requests by finish reason and API (grpc | http).",
+                                ["finish_reason", "api"], registry=r)
+        self.request_status = Counter("grokserve_request_status",
+                                      "Requests by final status (gRPC code names; HTTP answers map to them) and API.",
+                                      ["code", "api"], registry=r)
         self.ttft = Histogram("grokserve_time_to_first_token_seconds", "Admission to first generated token.",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("grokserve_inter_token_latency_seconds", "Time between consecutive generated tokens.",
@@ -92,6 +93,14 @@ class RouterMetrics:
         self.queue_capacity = Gauge("grokserve_request_queue_capacity", "Bound of the admission queue.", registry=r)
         self.kv_usage = Gauge("grokserve_kv_cache_usage_ratio", "Fraction of KV blocks in use.", registry=r)
         self.preemptions = Counter("grokserve_preemptions", "Sequences preempted for KV memory.", registry=r)
+        self.prefix_cache_queries = Counter("grokserve_prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache (admitted sequences).",
+                                            registry=r)
+        self.prefix_cache_hits = Counter("grokserve_prefix_cache_hits",
+                                         "Prompt tokens whose KV came from the prefix cache.", registry=r)
+        self.prefix_cache_blocks = Gauge("grokserve_prefix_cache_cached_blocks",
+                                         "KV blocks holding a cached prefix that no sequence references "
+                                         "(evictable).", registry=r)
         self.step_seconds = Histogram("grokserve_engine_step_seconds",
                                       "Wall time of one engine step: schedule, forward, sample, stream.",
                                       buckets=DISPATCH_BUCKETS, registry=r)

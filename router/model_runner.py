@@ -11,7 +11,7 @@ table (padded with the null block 0) tells the cache where its keys live.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ class StepResult:
     sampling_chunks: list[ScheduledChunk]
     logits: torch.Tensor
     num_tokens: int
+    # chunks of prompts that asked for prompt logprobs, each with the logits [n, V] (f32, host) of its tokens
+    prompt_logits: list[tuple[ScheduledChunk, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -46,14 +48,20 @@ class ModelRunner:
         outputs = await asyncio.gather(*(self._forward(half) for half in halves))
         sampling: list[ScheduledChunk] = []
         last_hidden = []
+        prompt_logits = []
         for hidden, (ordered, last_token) in outputs:
             picks = [i for i, chunk in enumerate(ordered) if chunk.samples_next_token]
             if picks:
                 sampling += [ordered[i] for i in picks]
                 last_hidden.append(hidden.index_select(0, torch.from_numpy(last_token[picks]).to(hidden.device)))
+            for i, chunk in enumerate(ordered):
+                if chunk.seq.params.prompt_logprobs is not None and chunk.start < len(chunk.seq.prompt_ids) - 1:
+                    end = int(last_token[i]) + 1
+                    rows = hidden[end - chunk.num_tokens:end]  # [n, D]: this chunk's tokens
+                    prompt_logits.append((chunk, self.model.dense.head(rows).float().cpu()))
         logits = (self.model.dense.head(torch.cat(last_hidden)).cpu() if last_hidden
                   else torch.empty(0, self.model.config.vocab_size))  # [S, V]
-        return StepResult(sampling, logits, scheduled.num_scheduled_tokens)
+        return StepResult(sampling, logits, scheduled.num_scheduled_tokens, prompt_logits)
 
     async def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, tuple[list[ScheduledChunk],
                                                                                          np.ndarray]]:

@@ -4,6 +4,13 @@ Each step takes one decode token from every running sequence, then fills the res
 token budget with (chunked) prefill of admitted and newly admitted sequences. KV memory is a fixed
 pool of blocks; when a decode needs a block and none is free, the youngest running sequence is
 preempted (its blocks freed, recomputed later), so the oldest always progresses: no deadlock.
+
+With prefix caching, a sequence being admitted takes the cached blocks that hold its leading full blocks
+(router/prefix_cache.py) and is prefilled from the first token they do not hold; a sequence whose next
+block is being computed right now by a running sequence waits a step for it instead of computing it twice
+(so `n` choices of one prompt, and requests arriving together with a shared preamble, compute it once).
+Blocks are registered in the cache as they fill. Requests that ask for prompt logprobs compute their whole
+prompt (they need its logits).
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from grokserve.router.errors import QueueFull
-from grokserve.router.kv_blocks import BlockAllocator
+from grokserve.router.kv_blocks import BlockAllocator, BlockKey
+from grokserve.router.prefix_cache import PrefixCacheStats, block_keys
 from grokserve.router.sequence import Sequence
 
 
@@ -52,22 +60,30 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, max_queue: int, max_running: int, token_budget: int,
-                 on_free: Callable[[list[int]], None] = lambda blocks: None):
+                 on_allocate: Callable[[list[int]], None] = lambda blocks: None, prefix_root: bytes | None = None,
+                 share_in_step: bool = True):
         self.allocator = allocator
-        self.on_free = on_free  # the KV cache forgets freed blocks' keys
+        self.on_allocate = on_allocate  # the KV cache forgets what newly allocated blocks held before
         self.max_queue = max_queue
         self.max_running = max_running
         self.token_budget = token_budget
+        self.prefix_root = prefix_root  # None: prefix caching off
+        # a prefill may read blocks another sequence of the same step computes (one forward call: the model
+        # writes a layer's K/V of all the step's prefill tokens before any of them attends); not with
+        # micro-batch overlap, whose two halves are separate forward calls
+        self.share_in_step = share_in_step
+        self.prefix_stats = PrefixCacheStats()
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
 
     # ---- admission -----------------------------------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(f"admission queue is full ({self.max_queue} waiting requests)")
-        self.waiting.append(seq)
+    def add(self, *seqs: Sequence) -> None:
+        """Queue the sequences of one request: all of them, or none (QueueFull) when the queue lacks room."""
+        if len(self.waiting) + len(seqs) > self.max_queue:
+            raise QueueFull(f"admission queue is full ({self.max_queue} waiting sequences)")
+        self.waiting.extend(seqs)
 
     def remove(self, seq: Sequence) -> None:
         """Drop a finished, cancelled or failed sequence and free its blocks at once."""
@@ -78,14 +94,14 @@ class Scheduler:
         self._free(seq)
 
     def _free(self, seq: Sequence) -> None:
-        self.on_free(seq.blocks)
         self.allocator.release(seq.blocks)
         seq.blocks = []
+        seq.num_computed_tokens = 0
+        seq.registered_blocks = 0
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._free(seq)
-        seq.num_computed_tokens = 0
         self.preemptions += 1
         self.waiting.appendleft(seq)
 
@@ -96,8 +112,86 @@ class Scheduler:
         got = self.allocator.allocate(need)
         if got is None:
             return False
+        self.on_allocate(got)
         seq.blocks.extend(got)
         return True
+
+    # ---- prefix cache --------------------------------------------------------------------------
+
+    def _cacheable_blocks(self, seq: Sequence) -> int:
+        """Leading full blocks of `seq` the cache may supply: all but the last token must be computed anyway,
+        so that the step that computes it samples the next one."""
+        if self.prefix_root is None or seq.params.prompt_logprobs is not None:
+            return 0
+        return (seq.num_tokens - 1) // self.allocator.block_size
+
+    def _keys(self, seq: Sequence, count: int) -> list:
+        assert self.prefix_root is not None
+        return block_keys(seq, count, self.allocator.block_size, self.prefix_root)
+
+    def _take_cached(self, seq: Sequence) -> None:
+        """Map `seq`'s leading blocks onto cached ones (it holds no blocks yet)."""
+        for key in self._keys(seq, self._cacheable_blocks(seq)):
+            block = self.allocator.lookup(key)
+            if block is None:
+                break
+            self.allocator.share(block)
+            seq.blocks.append(block)
+        seq.num_computed_tokens = seq.registered_blocks = len(seq.blocks)
+        seq.num_computed_tokens *= self.allocator.block_size
+
+    def _completes(self, chunk: ScheduledChunk, step_blocks: dict[bytes, tuple[int, BlockKey]]) -> None:
+        """Note the cacheable blocks `chunk` fills completely in this step (a prefill chunk: the prefill group)."""
+        seq, bs = chunk.seq, self.allocator.block_size
+        if chunk.num_tokens < 2:
+            return
+        end = min(self._cacheable_blocks(seq), (chunk.start + chunk.num_tokens) // bs)
+        for j, key in enumerate(self._keys(seq, end)[chunk.start // bs:], start=chunk.start // bs):
+            step_blocks.setdefault(key.digest, (seq.blocks[j], key))
+
+    def _take_in_step(self, seq: Sequence, step_blocks: dict[bytes, tuple[int, BlockKey]], budget: int) -> None:
+        """Map `seq`'s next blocks onto blocks this step's prefills compute, when its own chunk is a prefill too."""
+        bs = self.allocator.block_size
+        taken = []
+        for key in self._keys(seq, self._cacheable_blocks(seq))[len(seq.blocks):]:
+            entry = step_blocks.get(key.digest)
+            if entry is None or entry[1] != key:
+                break
+            taken.append(entry[0])
+        if not taken or min(seq.num_tokens - (len(seq.blocks) + len(taken)) * bs, budget) < 2:
+            return  # its chunk would be one token: the decode group, which attends before the prefills write
+        for block in taken:
+            self.allocator.share(block)
+        seq.blocks.extend(taken)
+        seq.registered_blocks = len(seq.blocks)  # registered by the sequence that computes them
+        seq.num_computed_tokens = len(seq.blocks) * bs
+
+    def _next_block_digest(self, seq: Sequence) -> bytes | None:
+        """The digest of the first cacheable block `seq` would compute itself, if any."""
+        held = len(seq.blocks)
+        if held >= self._cacheable_blocks(seq):
+            return None
+        return self._keys(seq, held + 1)[held].digest
+
+    def _in_flight(self) -> set[bytes]:
+        """Digests of full prompt blocks that running sequences have still to compute."""
+        digests: set[bytes] = set()
+        for seq in self.running:
+            computed = seq.num_computed_tokens // self.allocator.block_size
+            upto = min(self._cacheable_blocks(seq), len(seq.prompt_ids) // self.allocator.block_size)
+            digests.update(key.digest for key in self._keys(seq, upto)[computed:])
+        return digests
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Register the blocks `seq` has filled since the last call (after each step that computed it)."""
+        if self.prefix_root is None:
+            return
+        full = min(seq.num_computed_tokens // self.allocator.block_size, len(seq.blocks))
+        if full <= seq.registered_blocks:
+            return
+        for i, key in enumerate(self._keys(seq, full)[seq.registered_blocks:], start=seq.registered_blocks):
+            self.allocator.register(seq.blocks[i], key)
+        seq.registered_blocks = full
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -126,16 +220,39 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, count))
             planned.add(id(seq))
             budget -= count
+        step_blocks: dict[bytes, tuple[int, BlockKey]] = {}
+        if self.prefix_root is not None and self.share_in_step:
+            for chunk in out.chunks:
+                self._completes(chunk, step_blocks)
         # 2. admit waiting sequences while budget, batch slots and blocks last
+        in_flight = self._in_flight() if self.prefix_root is not None else set()
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
+            if self.prefix_root is not None:
+                self._take_cached(seq)
+                if step_blocks:
+                    self._take_in_step(seq, step_blocks, budget)
+                if self._next_block_digest(seq) in in_flight:  # being computed, not all in this step: wait
+                    self._free(seq)
+                    deferred.append(self.waiting.popleft())
+                    continue
             count = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow(seq, seq.num_computed_tokens + count):
+                self._free(seq)  # cached blocks taken above go back (still cached)
                 break
             self.waiting.popleft()
             self.running.append(seq)
             if seq.first_scheduled is None:
                 seq.first_scheduled = time.monotonic()
+            if self.prefix_root is not None:
+                self.prefix_stats.queries += seq.num_tokens
+                self.prefix_stats.hits += seq.num_computed_tokens
+                cached = seq.num_computed_tokens // self.allocator.block_size
+                in_flight.update(k.digest for k in self._keys(seq, self._cacheable_blocks(seq))[cached:])
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, count))
+            if self.prefix_root is not None and self.share_in_step:
+                self._completes(out.chunks[-1], step_blocks)
             budget -= count
+        self.waiting.extendleft(reversed(deferred))
         return out

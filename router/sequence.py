@@ -20,6 +20,8 @@ class StepOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     tokens: list[SampledToken] = field(default_factory=list)
+    # on the first output of a request that asked for them: prompt tokens 1.. with their logprobs
+    prompt_logprobs: list[SampledToken] | None = None
     finish_reason: str | None = None  # length | stop | eos | cancelled
     error: Exception | None = None  # typed (router.errors, transport.errors); the service maps it to a status
     prompt_tokens: int = 0
@@ -42,6 +44,10 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")  # time.monotonic() by which the request must have ended
     output_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[SampledToken] = field(default_factory=list)  # of prompt tokens 1, 2, … (when asked)
+    index: int = 0  # which of the request's n choices this sequence is
+    block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks (router/prefix_cache.py)
+    registered_blocks: int = 0  # leading blocks registered in (or taken from) the prefix cache
     blocks: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     first_scheduled: float | None = None

@@ -1,15 +1,17 @@
 """The client-facing `Generation` gRPC service (grpc.aio), with health and server reflection. It runs on the
 engine's event loop (router/engine.py), so outputs reach the handlers without a thread hop.
 
-Each call: parse (undecodable bytes → INVALID_ARGUMENT) → validate → a Sequence submitted to the engine →
-outputs streamed back as they come, until the request's deadline (the client's, or the router's default).
-A client deadline or cancel removes the sequence from the batch at the next step. This is the edge where
-typed errors become status codes, in one table (`status_for`), and where each request is counted once.
+Each call: parse (undecodable bytes → INVALID_ARGUMENT) → validate → the request's n Sequences submitted to
+the engine (`GenerationService.admit`, shared with the HTTP API in router/http_api.py) → outputs streamed
+back as they come, until the request's deadline (the client's, or the router's default). A client deadline
+or cancel removes the sequences from the batch at the next step. This is the edge where typed errors
+become status codes, in one table (`status_for`), and where each request is counted once (`Admitted.end`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from grokserve.model.dtypes import dtype_name
-from grokserve.model.sampling import ParameterError, make_generator
+from grokserve.model.sampling import ParameterError, SampledToken, make_generator
 from grokserve.model.text_stream import TextStream
 from grokserve.model.tokenizer import Tokenizer
 from grokserve.router.auth import BearerTokenInterceptor
@@ -76,6 +78,54 @@ class _Aborted(Exception):
         self.code = code
 
 
+class Admitted:
+    """One admitted request: its n sequences (one per choice) and the queue their outputs arrive on."""
+
+    def __init__(self, service: GenerationService, seqs: list[Sequence], outputs: asyncio.Queue, deadline: float,
+                 api: str):
+        self.service = service
+        self.seqs = seqs
+        self.queue = outputs
+        self.deadline = deadline
+        self.api = api
+        self.arrival = time.monotonic()
+        self._ended = False
+
+    @property
+    def request_id(self) -> str:
+        return self.seqs[0].request_id
+
+    async def outputs(self) -> AsyncIterator[tuple[Sequence, StepOutput]]:
+        """(sequence, output) as the engine produces them, until every choice has finished. A failure is
+        raised as its typed error (RequestTimedOut when the deadline passes first)."""
+        pending = len(self.seqs)
+        while pending:
+            try:  # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+                # arrives as the queue yields an item, and a cancelled request would then run to its end
+                async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                    index, out = await self.queue.get()
+            except TimeoutError:
+                raise RequestTimedOut(f"request did not finish within its deadline "
+                                      f"({self.deadline - self.arrival:.1f}s)") from None
+            if out.error is not None:
+                raise out.error
+            yield self.seqs[index], out
+            self.service.engine.output_written()
+            pending -= out.finish_reason is not None
+
+    def end(self, code: grpc.StatusCode, reason: str) -> None:
+        """Count the request once (status code, finish reason, API) and cancel what has not finished."""
+        if self._ended:
+            return
+        self._ended = True
+        metrics = self.service.metrics
+        metrics.request_status.labels(code.name, self.api).inc()
+        metrics.requests.labels(reason, self.api).inc()
+        for seq in self.seqs:
+            if not seq.finished:  # deadline, client cancel, an error, or the consumer went away
+                self.service.engine.cancel(seq)
+
+
 class GenerationService:
     def __init__(self, engine: RouterEngine, tokenizer: Tokenizer | None, model_id: str,
                  shards: dict[str, str] | None = None):
@@ -86,21 +136,30 @@ class GenerationService:
         self.config = engine.config
         self.metrics = engine.metrics
 
-    # ---- admission -------------------------------------------------------------------------------
+    # ---- admission (both APIs) -------------------------------------------------------------------
 
-    def _admit(self, request: gen_pb.GenerateRequest, deadline: float) -> tuple[Sequence, asyncio.Queue]:
-        valid = validate_request(request, self.config, self.tokenizer, self.engine.limits.max_tokens_limit,
-                                 self.engine.capacity_tokens)
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[StepOutput] = asyncio.Queue(maxsize=valid.params.max_tokens + 2)  # one per token
-        detok = self.tokenizer.detokenizer(valid.prompt_ids) if self.tokenizer else None
-
-        seq = Sequence(
-            request_id=valid.request_id, prompt_ids=valid.prompt_ids, params=valid.params,
-            generator=make_generator(valid.params.seed), text_stream=TextStream(detok, valid.params.stop),
-            sink=outputs.put_nowait, sink_loop=loop, deadline=deadline)
-        self.engine.submit(seq)  # QueueFull → RESOURCE_EXHAUSTED
-        return seq, outputs
+    def admit(self, request: gen_pb.GenerateRequest, deadline: float, api: str) -> Admitted:
+        """Validate and queue a request (raises RequestError, ParameterError or QueueFull, counted here)."""
+        try:
+            valid = validate_request(request, self.config, self.tokenizer, self.engine.limits.max_tokens_limit,
+                                     self.engine.capacity_tokens)
+            loop = asyncio.get_running_loop()
+            # one slot per token of every choice, and its last message
+            outputs: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue(
+                maxsize=valid.n * (valid.params.max_tokens + 2))
+            seqs = []
+            for index in range(valid.n):
+                params = valid.choice_params(index)
+                detok = self.tokenizer.detokenizer(valid.prompt_ids) if self.tokenizer else None
+                seqs.append(Sequence(
+                    request_id=valid.request_id, prompt_ids=valid.prompt_ids, params=params,
+                    generator=make_generator(params.seed), text_stream=TextStream(detok, params.stop),
+                    sink=functools.partial(_put, outputs, index), sink_loop=loop, deadline=deadline, index=index))
+            self.engine.submit(*seqs)
+        except (RequestError, ParameterError, QueueFull) as exc:
+            self.metrics.request_status.labels(status_for(exc).name, api).inc()
+            raise
+        return Admitted(self, seqs, outputs, deadline, api)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         """time.monotonic() by which the request must end: the router's limit, or the client's deadline when
@@ -112,32 +171,23 @@ class GenerationService:
     async def _outputs(self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[tuple[Sequence, StepOutput]]:
         """Yield (seq, StepOutput) until the last one; count the request once, whatever ends it."""
-        code, reason, seq = grpc.StatusCode.OK, "error", None
-        deadline = self._deadline(context)
+        code, reason, run = grpc.StatusCode.OK, "error", None
         try:
             try:
-                seq, outputs = self._admit(request, deadline)
+                run = self.admit(request, self._deadline(context), "grpc")
             except (RequestError, ParameterError, QueueFull) as exc:
+                await context.abort(status_for(exc), str(exc))
+            assert run is not None
+            try:
+                async for seq, out in run.outputs():
+                    yield seq, out
+                    reason = out.finish_reason or reason
+            except Exception as exc:  # the typed failure of this request
                 raise _Aborted(status_for(exc), str(exc)) from None
-            while True:
-                try:
-                    out = await asyncio.wait_for(outputs.get(), max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    raise _Aborted(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   f"request did not finish within its deadline "
-                                   f"({deadline - seq.arrival:.1f}s)") from None
-                if out.error is not None:
-                    code = status_for(out.error)
-                    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
-                        log.warning("request %s failed (%s): %s", seq.request_id, code.name, out.error)
-                    raise _Aborted(code, str(out.error))
-                yield seq, out
-                self.engine.output_written()
-                if out.finish_reason is not None:
-                    reason = out.finish_reason
-                    return
         except _Aborted as aborted:
             code = aborted.code
+            if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
+                log.warning("request %s failed (%s): %s", run.request_id if run else "?", code.name, aborted)
             reason = "cancelled" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "error"
             await context.abort(aborted.code, str(aborted))
         except (asyncio.CancelledError, GeneratorExit):  # the client went away or its deadline passed
@@ -147,25 +197,26 @@ class GenerationService:
             reason = "cancelled"
             raise
         finally:
-            self.metrics.request_status.labels(code.name).inc()
-            if seq is not None:
-                self.metrics.requests.labels(reason).inc()
-                if not seq.finished:  # deadline, client cancel, or the stream consumer went away
-                    self.engine.cancel(seq)
+            if run is not None:
+                run.end(code, reason)
 
     # ---- RPCs ------------------------------------------------------------------------------------
 
     async def Generate(self, request: gen_pb.GenerateRequest, context) -> gen_pb.GenerateResponse:
-        response = gen_pb.GenerateResponse()
+        choices: dict[int, gen_pb.GenerateResponse] = {}
         async for seq, out in self._outputs(request, context):
-            response.request_id = seq.request_id
-            self._append(response, out)
+            choice = choices.setdefault(seq.index, gen_pb.GenerateResponse(request_id=seq.request_id, index=seq.index))
+            self._append(choice, out)
+        response = gen_pb.GenerateResponse()
+        response.CopyFrom(choices[0])
+        if len(choices) > 1:
+            response.choices.extend(choices[i] for i in sorted(choices))
         return response
 
     async def GenerateStream(self, request: gen_pb.GenerateRequest, context
                              ) -> AsyncIterator[gen_pb.GenerateResponse]:
         async for seq, out in self._outputs(request, context):
-            response = gen_pb.GenerateResponse(request_id=seq.request_id)
+            response = gen_pb.GenerateResponse(request_id=seq.request_id, index=seq.index)
             self._append(response, out)
             yield response
 
@@ -190,11 +241,9 @@ class GenerationService:
         response.text += out.text
         response.token_ids.extend(out.token_ids)
         for token in out.tokens:
-            entry = response.logprobs.add()
-            entry.sampled.token_id, entry.sampled.logprob = token.token_id, token.logprob
-            entry.sampled.piece = self._piece(token.token_id)
-            for token_id, logprob in token.top_logprobs:
-                entry.top.add(token_id=token_id, logprob=logprob, piece=self._piece(token_id))
+            self._logprob_entry(response.logprobs.add(), token)
+        for token in out.prompt_logprobs or ():
+            self._logprob_entry(response.prompt_logprobs.add(), token)
         if out.finish_reason is not None:
             response.finish_reason = _FINISH[out.finish_reason]
             response.usage.prompt_tokens = out.prompt_tokens
@@ -203,8 +252,18 @@ class GenerationService:
             response.timings.time_to_first_token_seconds = out.time_to_first_token_seconds
             response.timings.total_seconds = out.total_seconds
 
+    def _logprob_entry(self, entry: gen_pb.TokenLogprobs, token: SampledToken) -> None:
+        entry.sampled.token_id, entry.sampled.logprob = token.token_id, token.logprob
+        entry.sampled.piece = self._piece(token.token_id)
+        for token_id, logprob in token.top_logprobs:
+            entry.top.add(token_id=token_id, logprob=logprob, piece=self._piece(token_id))
+
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.id_to_piece(token_id) if self.tokenizer else ""
+
+
+def _put(queue: asyncio.Queue, index: int, output: StepOutput) -> None:
+    queue.put_nowait((index, output))
 
 
 # ---- registration: requests arrive as bytes and are parsed here, so that undecodable messages (truncated,

@@ -26,6 +26,8 @@ class EngineLimits(BaseModel):
                                      description="longest a request may take when its client sets no deadline")
     micro_batch_overlap: bool = Field(default=False,
                                       description="split each step in two halves whose dispatch and attention overlap")
+    prefix_cache: bool = Field(default=True, description="reuse the KV blocks of prompt prefixes already computed "
+                                                        "(--no-prefix-cache turns it off)")
     stream_yield_s: float = Field(default=0.005, ge=0,
                                   description="after a step, how long the loop may serve stream writes of its outputs "
                                               "before the next step")

@@ -8,11 +8,12 @@ or raises a typed error (router.errors, model.sampling.ParameterError) that the 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 
 from grokserve.model.config import GrokConfig
-from grokserve.model.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams
+from grokserve.model.sampling import MAX_LOGIT_BIAS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams
 from grokserve.model.tokenizer import Tokenizer
 from grokserve.router.errors import RequestError, UnsupportedRequest
 from grokserve.v1 import generation_pb2 as gen_pb
@@ -31,7 +32,11 @@ def max_prompt_chars(config: GrokConfig) -> int:
 
 def request_size_limit(config: GrokConfig) -> int:
     """Largest well-formed GenerateRequest: a full context of token ids or text, stop strings, scalars."""
-    return max_prompt_chars(config) * 4 + MAX_STOP_STRINGS * MAX_STOP_STRING_CHARS * 4 + 4096
+    return (max_prompt_chars(config) * 4 + MAX_STOP_STRINGS * MAX_STOP_STRING_CHARS * 4 + MAX_LOGIT_BIAS * 16
+            + 4096)
+
+
+MAX_N = 16  # choices per request
 
 
 @dataclass
@@ -39,6 +44,13 @@ class ValidRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    n: int = 1
+
+    def choice_params(self, index: int) -> SamplingParams:
+        """Choice `index`'s parameters: with a seed, choice i draws from seed + i (so choice 0 is the n = 1 answer)."""
+        if index == 0 or self.params.seed is None:
+            return self.params
+        return dataclasses.replace(self.params, seed=(self.params.seed + index) % 2**64)
 
 
 def validate_request(req: gen_pb.GenerateRequest, config: GrokConfig, tokenizer: Tokenizer | None,
@@ -84,8 +96,15 @@ def validate_request(req: gen_pb.GenerateRequest, config: GrokConfig, tokenizer:
         temperature=float(req.temperature if req.HasField("temperature") else DEFAULT_TEMPERATURE),
         top_p=float(req.top_p if req.HasField("top_p") else DEFAULT_TOP_P), top_k=req.top_k,
         seed=req.seed if req.HasField("seed") else None, stop=tuple(req.stop),
-        stop_token_ids=tuple(req.stop_token_ids), logprobs=req.logprobs, ignore_eos=req.ignore_eos)
+        stop_token_ids=tuple(req.stop_token_ids), logprobs=req.logprobs, ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty if req.HasField("repetition_penalty") else 1.0, min_p=req.min_p,
+        logit_bias=tuple(sorted(req.logit_bias.items())), min_tokens=req.min_tokens,
+        prompt_logprobs=req.prompt_logprobs if req.HasField("prompt_logprobs") else None)
     params.validate(config.vocab_size)
     if params.stop and tokenizer is None:
         raise UnsupportedRequest("stop", "stop strings need a tokenizer")
-    return ValidRequest(request_id, prompt_ids, params)
+    n = req.n or 1
+    if n > MAX_N:
+        raise RequestError("n", f"must be in [1, {MAX_N}], got {n}")
+    return ValidRequest(request_id, prompt_ids, params, n)

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from grokserve.model.checkpoint import read_checkpoint
 from grokserve.router.assembly import build_router, discover_plan
+from grokserve.router.http_api import HttpApi, start_http_server, stop_http_server
 from grokserve.router.service import GenerationService, start_router_server
 from grokserve.router.settings import DispatchSettings, EngineLimits
 from grokserve.transport.metrics_server import serve_metrics
@@ -57,7 +58,7 @@ class RouterHarness:
 
     def __init__(self, checkpoint, workers: list[str] | None = None, limits: EngineLimits | None = None,
                  metrics: bool = False, tls=None, tokens=None, dispatch_tls=None,
-                 dispatch: DispatchSettings | None = None):
+                 dispatch: DispatchSettings | None = None, http: bool = False, chat_template=None):
         plan = endpoints = None
         if workers:
             config = read_checkpoint(checkpoint, "grokserve").config
@@ -70,6 +71,12 @@ class RouterHarness:
         self.thread = self.router.loop  # the client API runs on the engine's loop, as in `grokserve router`
         self.server, self.port = self.thread.run(start_router_server(service, "127.0.0.1", 0, tls, tokens))
         self.address = f"127.0.0.1:{self.port}"
+        self.http = None
+        if http:  # the OpenAI-compatible HTTP API on the same loop, as `grokserve router --http-port`
+            api = HttpApi(service, tokens, chat_template)
+            server, http_port, task = self.thread.run(start_http_server(api, "127.0.0.1", 0, tls))
+            self.http = (server, task)
+            self.http_url = f"{'https' if tls else 'http'}://127.0.0.1:{http_port}"
 
     @property
     def engine(self):
@@ -85,6 +92,8 @@ class RouterHarness:
             time.sleep(0.05)
 
     def close(self) -> None:
+        if self.http is not None:
+            self.thread.run(stop_http_server(*self.http))
         self.thread.run(self.server.stop(grace=1))
         self.router.shutdown()
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -47,19 +49,25 @@ def test_up_and_down_leave_an_unrelated_ray_head_alone():
     try:
         assert len(other_pids) >= 3  # gcs, raylet, monitors
         spec = tmp_path / "spec.yaml"
-        grpc_port = _free_port()
-        spec.write_text(f"router:\n  grpc_port: {grpc_port}\n")
+        grpc_port, http_port = _free_port(), _free_port()
+        spec.write_text(f"router:\n  grpc_port: {grpc_port}\n  http_port: {http_port}\n")
         up = subprocess.run([*CLI, "up", str(spec), "--ray-port", str(_free_port()), "--timeout", "300"],
                             capture_output=True, text=True, env=env, timeout=400)
         assert up.returncode == 0, up.stderr[-3000:]
+        assert f"OpenAI-compatible HTTP API at http://127.0.0.1:{http_port}/v1" in up.stdout, up.stdout
         with Client(f"127.0.0.1:{grpc_port}", timeout=60) as client:
             assert client.generate("And God said", max_tokens=4, temperature=0.0).usage.completion_tokens == 4
+        body = json.dumps({"model": "grokserve-demo", "prompt": "And God said", "max_tokens": 4}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", body,
+                                         {"content-type": "application/json"})
+        assert json.load(urllib.request.urlopen(request, timeout=60))["usage"]["completion_tokens"] == 4
         down = subprocess.run([*CLI, "down"], capture_output=True, text=True, env=env, timeout=120)
         assert down.returncode == 0 and "local Ray head" in down.stdout, down.stdout + down.stderr[-2000:]
         assert "Traceback" not in down.stderr and "failed" not in down.stderr + down.stdout, down.stderr[-2000:]
         # ours is gone: nothing answers on its gRPC port, no process of its session is left
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", grpc_port)) != 0
+        for port in (grpc_port, http_port):
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", port)) != 0
         ours = [p for p in (tmp_path / "ray").iterdir() if p.name.startswith("head-")]
         assert ours and not _session_pids(str((ours[0] / "session_latest").resolve()))
         # the unrelated head is untouched and still answers

@@ -184,18 +184,37 @@ def test_node_loss_fails_fast_and_service_returns_when_node_is_back(app, ray_clu
 
 
 def test_demo_model_greedy_continuation_is_the_same_through_the_cluster_as_the_reference(ray_cluster):
-    """The default spec (demo model, 2 expert workers) streams the reference engine's text."""
+    """The default spec (demo model, 2 expert workers) streams the reference engine's text, over gRPC and over
+    the OpenAI HTTP API (the official `openai` client, completions and chat, whole and streamed: the same answers
+    as gRPC for the same seed)."""
+    import openai
+
     from grokserve.cluster.spec import DEMO_CHECKPOINT
 
     spec = parse_spec({"name": "grokserve-demo-test", "router": {"grpc_port": _free_port(),
+                                                                  "http_port": _free_port(),
                                                                   "ray_actor_options": {"num_cpus": 0.5}},
                        "experts": {"ray_actor_options": {"num_cpus": 0.25}}})
     stats = deploy(spec, blocking_timeout=180)
     try:
         with Client(f"127.0.0.1:{stats['port']}") as client:
             text = "".join(c.text for c in client.generate_stream("And God said", max_tokens=24, temperature=0.0))
+            seeded = client.generate("And God said", max_tokens=16, temperature=0.8, seed=7).text
         expected = ReferenceEngine.from_checkpoint(DEMO_CHECKPOINT).generate(
             ["And God said"], SamplingParams(max_tokens=24))[0].text
         assert text == expected and len(text.split()) > 10
+
+        assert stats["http_port"] == spec.router.http_port
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{stats['http_port']}/v1", api_key="-", max_retries=0) as api:
+            whole = api.completions.create(model="grokserve-demo", prompt="And God said", max_tokens=16,
+                                           temperature=0.8, seed=7)
+            streamed = "".join(c.choices[0].text for c in api.completions.create(
+                model="grokserve-demo", prompt="And God said", max_tokens=16, temperature=0.8, seed=7, stream=True))
+            assert whole.choices[0].text == streamed == seeded
+            messages = [{"role": "user", "content": "Who made the light?"}]
+            chat = api.chat.completions.create(model="grokserve-demo", messages=messages, max_tokens=8, seed=3)
+            chat_stream = "".join(c.choices[0].delta.content or "" for c in api.chat.completions.create(
+                model="grokserve-demo", messages=messages, max_tokens=8, seed=3, stream=True))
+            assert chat.choices[0].message.content == chat_stream and chat.usage.completion_tokens > 0
     finally:
         teardown("grokserve-demo-test")

@@ -152,6 +152,25 @@ def test_weight_mode_reaches_the_cluster_spec():
 
     assert spec_of("default").model.weights == "dense"
     assert spec_of("eight-experts-two-nodes-values.yaml").model.weights == "int8"
+    assert spec_of("default").router.limits.prefix_cache is True
+
+
+def test_the_http_api_is_served_exposed_and_exercised_by_helm_test():
+    docs = render("default")
+    spec = parse_spec(yaml.safe_load(rayservice_of(docs)["spec"]["serveConfigV2"])["applications"][0]["args"])
+    assert spec.router.http_port == 8080  # not Ray Serve's proxy port (8000, on every node)
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-grpc"))
+    http = next(p for p in service["spec"]["ports"] if p["name"] == "serve-http")
+    assert http["port"] == 8080 and http["targetPort"] == "serve-http"
+    cluster = rayservice_of(docs)["spec"]["rayClusterConfig"]
+    router_ports = [{k: p[k] for k in ("name", "containerPort")} for g in cluster["workerGroupSpecs"]
+                    for c in g["template"]["spec"]["containers"] for p in c.get("ports", [])
+                    if p["name"] == "serve-grpc" or p["name"] == "serve-http"]
+    assert {"name": "serve-http", "containerPort": 8080} in router_ports
+    test_pod = next(d for d in docs if d["kind"] == "Pod" and "helm.sh/hook" in d["metadata"].get("annotations", {}))
+    script = test_pod["spec"]["containers"][0]["args"][0]
+    assert "/v1/completions" in script and ":8080" in script
+    compile(script, "helm-test", "exec")  # the rendered test is valid Python
 
 
 def test_ray_start_params_are_all_quoted_strings():
@@ -193,7 +212,7 @@ def test_a_misspelled_core_field_fails_validation():
 @pytest.mark.parametrize("bad", [
     "model.dtype=float16", "router.grpcPort=70000", "router.replicas=0", "model.storage.type=nfs",
     "experts.groups[0].gpus=-1", "monitoring.podMonitor.interval=soon", "router.trasport=stream",
-    "image.tag=", "service.type=Ingress", "model.weights=int4",
+    "image.tag=", "service.type=Ingress", "model.weights=int4", "router.limits.prefix_cache=maybe",
 ])
 def test_values_schema_rejects_bad_values(bad):
     result = helm("template", "demo", str(CHART), "--set", bad, check=False)

@@ -56,9 +56,13 @@ def test_counters_and_histograms_match_the_requests_sent(system, vectors):
     assert total(m, "grokserve_time_to_first_token_seconds_count") == len(ok)
     assert total(m, "grokserve_inter_token_latency_seconds_count") == generated - len(ok)
     assert total(m, "grokserve_e2e_request_latency_seconds_count") == len(ok)
+    # the second round of prompts found their leading full blocks cached: the 33-token prompt's 2 blocks of 16
+    assert total(m, "grokserve_prefix_cache_queries_total") == sum(len(p) for p, _ in ok)
+    hits = total(m, "grokserve_prefix_cache_hits_total")
+    assert hits == 2 * 16
     # every token the engine computed went through the MoE of every layer with 2 expert slots
     computed = total(m, "grokserve_engine_step_tokens_sum")
-    assert computed == sum(len(p) + n - 1 for p, n in ok)
+    assert computed == sum(len(p) + n - 1 for p, n in ok) - hits
     for layer in range(config.n_layers):
         assert total(m, "grokserve_routed_tokens_total", layer=layer) == 2 * computed
     # each MoE layer dispatched once per engine step to at least one shard

@@ -328,7 +328,8 @@ def test_worker_exits_cleanly_on_a_checkpoint_error_and_on_sigterm(tiny_grokserv
 
 def test_router_exits_cleanly_on_sigterm(tiny_grokserve_ckpt):
     proc = subprocess.Popen([sys.executable, "-m", "grokserve.cluster.cli", "router", "--checkpoint",
-                             str(tiny_grokserve_ckpt), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             str(tiny_grokserve_ckpt), "--port", "0", "--http-port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
                             text=True)
     try:
         for line in proc.stdout:

@@ -54,11 +54,16 @@ def _engine(loaded, plan, procs, dtype: torch.dtype, transport: str, deadline_s:
 
 
 @pytest.mark.parametrize(("dtype", "weights"), [("bfloat16", "dense"), ("float32", "dense"), ("bfloat16", "int8")])
-def test_distributed_equals_local_in_every_mode(tiny_grokserve_ckpt, spawn_worker, prompts, dtype, weights):
+def test_distributed_equals_local_in_every_mode(tiny_grokserve_ckpt, spawn_worker, prompts, dtype, weights, request):
     """A token whose two experts sit on different workers is rounded once (f32 partials), as in one process."""
     loaded = read_checkpoint(tiny_grokserve_ckpt, "grokserve")
     plan = auto_plan(loaded.config, 2)
     procs = _workers(spawn_worker, tiny_grokserve_ckpt, plan, dtype, weights)
+    # workers run one torch thread (their default); so does the in-process reference here: MKL's f32 sums may be
+    # ordered by its thread count (measured on an AMX machine: the int8 down projection's f32 slab differed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     local = ReferenceEngine.from_loaded(loaded, dtype, weights=weights)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     expected = [g.token_ids for g in local.generate(prompts, params)]
@@ -123,7 +128,8 @@ def test_a_router_killed_mid_call_leaves_the_workers_serving_others(tiny_grokser
     procs = _workers(spawn_worker, tiny_grokserve_ckpt, auto_plan(loaded.config, 2))
     addresses = [p.address for reps in procs.values() for p in reps]
     router = subprocess.Popen([sys.executable, "-m", "grokserve.cluster.cli", "router", "--checkpoint",
-                               str(tiny_grokserve_ckpt), "--port", "0", "--workers", ",".join(addresses)],
+                               str(tiny_grokserve_ckpt), "--port", "0", "--http-port", "0", "--workers",
+                               ",".join(addresses)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in router.stdout:

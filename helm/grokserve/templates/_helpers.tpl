@@ -31,6 +31,7 @@ router:
   replicas: {{ .Values.router.replicas }}
   host: 0.0.0.0
   grpc_port: {{ .Values.router.grpcPort }}
+  http_port: {{ .Values.router.httpPort }}
   metrics_port: {{ .Values.router.metricsPort }}
   dispatch:
     transport: {{ .Values.router.dispatchTransport }}

@@ -24,39 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgrokserve/v1/generation.proto\x12\x0cgrokserve.v1\"\xb6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x10\n\x08logprobs\x18\x0b \x01(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05piece\x18\x03 \x01(\t\"e\n\rTokenLogprobs\x12+\n\x07sampled\x18\x01 \x01(\x0b\x32\x1a.grokserve.v1.TokenLogprob\x12\'\n\x03top\x18\x02 \x03(\x0b\x32\x1a.grokserve.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xf5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.grokserve.v1.TokenLogprobs\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.grokserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.grokserve.v1.Usage\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.grokserve.v1.Timings\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x12\n\x10ModelInfoRequest\"\xd7\x02\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0bnum_experts\x18\x08 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\t \x01(\r\x12;\n\x06shards\x18\n \x03(\x0b\x32+.grokserve.v1.ModelInfoResponse.ShardsEntry\x12\x14\n\x0c\x65os_token_id\x18\x0b \x01(\r\x1a-\n\x0bShardsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xc6\x02\n\nGeneration\x12I\n\x08Generate\x12\x1d.grokserve.v1.GenerateRequest\x1a\x1e.grokserve.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.grokserve.v1.GenerateRequest\x1a\x1e.grokserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.grokserve.v1.TokenizeRequest\x1a\x1e.grokserve.v1.TokenizeResponse\x12O\n\x0cGetModelInfo\x12\x1e.grokserve.v1.ModelInfoRequest\x1a\x1f.grokserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgrokserve/v1/generation.proto\x12\x0cgrokserve.v1\"\xf7\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x10\n\x08logprobs\x18\x0b \x01(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\t\n\x01n\x18\r \x01(\r\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x02H\x04\x88\x01\x01\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12@\n\nlogit_bias\x18\x12 \x03(\x0b\x32,.grokserve.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x13 \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\rH\x05\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05piece\x18\x03 \x01(\t\"e\n\rTokenLogprobs\x12+\n\x07sampled\x18\x01 \x01(\x0b\x32\x1a.grokserve.v1.TokenLogprob\x12\'\n\x03top\x18\x02 \x03(\x0b\x32\x1a.grokserve.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xeb\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.grokserve.v1.TokenLogprobs\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.grokserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.grokserve.v1.Usage\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.grokserve.v1.Timings\x12\r\n\x05index\x18\x08 \x01(\r\x12\x34\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1b.grokserve.v1.TokenLogprobs\x12/\n\x07\x63hoices\x18\n \x03(\x0b\x32\x1e.grokserve.v1.GenerateResponse\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x12\n\x10ModelInfoRequest\"\xd7\x02\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0bnum_experts\x18\x08 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\t \x01(\r\x12;\n\x06shards\x18\n \x03(\x0b\x32+.grokserve.v1.ModelInfoResponse.ShardsEntry\x12\x14\n\x0c\x65os_token_id\x18\x0b \x01(\r\x1a-\n\x0bShardsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xc6\x02\n\nGeneration\x12I\n\x08Generate\x12\x1d.grokserve.v1.GenerateRequest\x1a\x1e.grokserve.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.grokserve.v1.GenerateRequest\x1a\x1e.grokserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.grokserve.v1.TokenizeRequest\x1a\x1e.grokserve.v1.TokenizeResponse\x12O\n\x0cGetModelInfo\x12\x1e.grokserve.v1.ModelInfoRequest\x1a\x1f.grokserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'grokserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFORESPONSE_SHARDSENTRY']._loaded_options = None
   _globals['_MODELINFORESPONSE_SHARDSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1369
-  _globals['_FINISHREASON']._serialized_end=1516
+  _globals['_FINISHREASON']._serialized_start=1808
+  _globals['_FINISHREASON']._serialized_end=1955
   _globals['_GENERATEREQUEST']._serialized_start=48
-  _globals['_GENERATEREQUEST']._serialized_end=358
-  _globals['_TOKENLOGPROB']._serialized_start=360
-  _globals['_TOKENLOGPROB']._serialized_end=424
-  _globals['_TOKENLOGPROBS']._serialized_start=426
-  _globals['_TOKENLOGPROBS']._serialized_end=527
-  _globals['_USAGE']._serialized_start=529
-  _globals['_USAGE']._serialized_end=586
-  _globals['_TIMINGS']._serialized_start=588
-  _globals['_TIMINGS']._serialized_end=680
-  _globals['_GENERATERESPONSE']._serialized_start=683
-  _globals['_GENERATERESPONSE']._serialized_end=928
-  _globals['_TOKENIZEREQUEST']._serialized_start=930
-  _globals['_TOKENIZEREQUEST']._serialized_end=961
-  _globals['_TOKENIZERESPONSE']._serialized_start=963
-  _globals['_TOKENIZERESPONSE']._serialized_end=1000
-  _globals['_MODELINFOREQUEST']._serialized_start=1002
-  _globals['_MODELINFOREQUEST']._serialized_end=1020
-  _globals['_MODELINFORESPONSE']._serialized_start=1023
-  _globals['_MODELINFORESPONSE']._serialized_end=1366
-  _globals['_MODELINFORESPONSE_SHARDSENTRY']._serialized_start=1321
-  _globals['_MODELINFORESPONSE_SHARDSENTRY']._serialized_end=1366
-  _globals['_GENERATION']._serialized_start=1519
-  _globals['_GENERATION']._serialized_end=1845
+  _globals['_GENERATEREQUEST']._serialized_end=679
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=538
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=586
+  _globals['_TOKENLOGPROB']._serialized_start=681
+  _globals['_TOKENLOGPROB']._serialized_end=745
+  _globals['_TOKENLOGPROBS']._serialized_start=747
+  _globals['_TOKENLOGPROBS']._serialized_end=848
+  _globals['_USAGE']._serialized_start=850
+  _globals['_USAGE']._serialized_end=907
+  _globals['_TIMINGS']._serialized_start=909
+  _globals['_TIMINGS']._serialized_end=1001
+  _globals['_GENERATERESPONSE']._serialized_start=1004
+  _globals['_GENERATERESPONSE']._serialized_end=1367
+  _globals['_TOKENIZEREQUEST']._serialized_start=1369
+  _globals['_TOKENIZEREQUEST']._serialized_end=1400
+  _globals['_TOKENIZERESPONSE']._serialized_start=1402
+  _globals['_TOKENIZERESPONSE']._serialized_end=1439
+  _globals['_MODELINFOREQUEST']._serialized_start=1441
+  _globals['_MODELINFOREQUEST']._serialized_end=1459
+  _globals['_MODELINFORESPONSE']._serialized_start=1462
+  _globals['_MODELINFORESPONSE']._serialized_end=1805
+  _globals['_MODELINFORESPONSE_SHARDSENTRY']._serialized_start=1760
+  _globals['_MODELINFORESPONSE_SHARDSENTRY']._serialized_end=1805
+  _globals['_GENERATION']._serialized_start=1958
+  _globals['_GENERATION']._serialized_end=2284
 # @@protoc_insertion_point(module_scope)
