@@ -15,15 +15,14 @@ from pathlib import Path
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message.role == 'system' -%}{{ message.content }}\n\n"
-    "{%- elif message.role == 'user' -%}Human: {{ message.content }}\n\n"
-    "{%- elif message.role == 'assistant' -%}Assistant: {{ message.content }}\n\n"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
-)
+DEFAULT_CHAT_TEMPLATE = r"""
+{%- for message in messages %}
+{%- if message.role == 'system' %}{{ message.content }}{{ '\n\n' }}
+{%- elif message.role == 'user' %}Human: {{ message.content }}{{ '\n\n' }}
+{%- elif message.role == 'assistant' %}Assistant: {{ message.content }}{{ '\n\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}Assistant:{% endif %}"""
 DEFAULT_CHAT_STOP = ("\nHuman:",)
 ROLES = ("system", "user", "assistant")
 
