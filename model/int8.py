@@ -83,8 +83,12 @@ class Int8Weight:
     def dequantize(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
         """bf16(q · s) for output rows `rows`, in `dtype` [rows, in]: the reference's bf16 weight (exact in f32)."""
         # int8 and bf16 values are exact in f32, their product has ≤ 16 significant bits: one rounding to bf16
-        parts = [torch.mul(b[rows], self.scales[rows, g:g + 1]) for g, b in enumerate(self.blocks)]  # bf16
-        weight = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if len(self.blocks) == 1:
+            weight = torch.mul(self.blocks[0][rows], self.scales[rows])  # [rows, in] bf16
+        else:  # the blocks side by side, each row's G scales broadcast over its blocks: two ops whatever G is
+            q = torch.cat([b[rows] for b in self.blocks], dim=1)  # [rows, in] int8
+            groups = len(self.blocks)
+            weight = torch.mul(q.view(q.shape[0], groups, -1), self.scales[rows, :, None]).view(q.shape)
         return weight if dtype == torch.bfloat16 else weight.to(dtype)
 
 

@@ -131,3 +131,18 @@ def test_fuzz_random_prompt_families_under_a_small_pool(pair):
         assert run(on, requests, together) == run(off, requests, together), f"round {round_}"
     assert_clean(on)
     assert on.engine.scheduler.prefix_stats.hits > 0
+
+
+def test_with_micro_batch_overlap_the_cache_still_changes_nothing():
+    """A step in two halves is two forward calls (in-step sharing is off then): outputs are unchanged too."""
+    on, off = make_pair(kv_cache_mb=2, block_size=4, micro_batch_overlap=True)
+    try:
+        tokenizer = on.router.tokenizer
+        requests = [{"prompt": tokenizer.encode(PREAMBLE), "max_tokens": 8, "temperature": 1.0, "seed": 2, "n": 4},
+                    *family(tokenizer, TAILS[:4], temperature=0.0)]
+        assert run(on, requests) == run(off, requests)
+        assert on.engine.scheduler.prefix_stats.hits > 0
+        assert_clean(on)
+    finally:
+        on.close()
+        off.close()
