@@ -45,11 +45,17 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
 
 
-def workload(n: int, seed: int, prompt_tokens: tuple[int, int], output_tokens: tuple[int, int]):
-    """Prompt token ids cut from the demo's held-out text, lengths uniform in the given ranges."""
+@functools.cache
+def heldout_ids() -> list[int]:
+    """The demo's held-out text as token ids (the source of every benchmark prompt)."""
     from grokserve.model.tokenizer import Tokenizer
 
-    ids = Tokenizer(DEMO_CHECKPOINT / "tokenizer.model").encode((DEMO_CHECKPOINT / "heldout.txt").read_text())
+    return Tokenizer(DEMO_CHECKPOINT / "tokenizer.model").encode((DEMO_CHECKPOINT / "heldout.txt").read_text())
+
+
+def workload(n: int, seed: int, prompt_tokens: tuple[int, int], output_tokens: tuple[int, int]):
+    """Prompt token ids cut from the demo's held-out text, lengths uniform in the given ranges."""
+    ids = heldout_ids()
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -61,9 +67,7 @@ def workload(n: int, seed: int, prompt_tokens: tuple[int, int], output_tokens: t
 
 def shared_prefix_workload(n: int, seed: int, preamble: int, tail: int, output_tokens: tuple[int, int]):
     """Prompts that share their first `preamble` tokens (a system prompt), then `tail` tokens of their own."""
-    from grokserve.model.tokenizer import Tokenizer
-
-    ids = Tokenizer(DEMO_CHECKPOINT / "tokenizer.model").encode((DEMO_CHECKPOINT / "heldout.txt").read_text())
+    ids = heldout_ids()
     rng = random.Random(seed)
     shared = ids[:preamble]
     out = []

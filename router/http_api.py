@@ -288,9 +288,7 @@ class HttpApi:
             max_tokens = max(1, min(limits.max_tokens_limit, self.config.max_seq_len - len(ids),
                                     self.engine.capacity_tokens - len(ids)))
         proto.max_tokens = max_tokens
-        stops = list(proto.stop)
-        proto.ClearField("stop")
-        proto.stop.extend(stops + [s for s in self.chat_template.stop if s not in stops])
+        proto.stop.extend([s for s in self.chat_template.stop if s not in proto.stop])
         if body.top_logprobs is not None:
             if not body.logprobs:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs: needs logprobs: true",

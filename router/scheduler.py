@@ -137,8 +137,8 @@ class Scheduler:
                 break
             self.allocator.share(block)
             seq.blocks.append(block)
-        seq.num_computed_tokens = seq.registered_blocks = len(seq.blocks)
-        seq.num_computed_tokens *= self.allocator.block_size
+        seq.registered_blocks = len(seq.blocks)
+        seq.num_computed_tokens = len(seq.blocks) * self.allocator.block_size
 
     def _completes(self, chunk: ScheduledChunk, step_blocks: dict[bytes, tuple[int, BlockKey]]) -> None:
         """Note the cacheable blocks `chunk` fills completely in this step (a prefill chunk: the prefill group)."""
@@ -179,7 +179,8 @@ class Scheduler:
         for seq in self.running:
             computed = seq.num_computed_tokens // self.allocator.block_size
             upto = min(self._cacheable_blocks(seq), len(seq.prompt_ids) // self.allocator.block_size)
-            digests.update(key.digest for key in self._keys(seq, upto)[computed:])
+            if computed < upto:  # past its prompt (decoding) a sequence has nothing in flight: no key list per step
+                digests.update(key.digest for key in self._keys(seq, upto)[computed:])
         return digests
 
     def register_computed(self, seq: Sequence) -> None:
